@@ -1,0 +1,104 @@
+"""Data layer: load an encoded :class:`Dataset` and iterate over it in batches.
+
+Usage::
+
+    ds = load_dataset("frappe")                # built-in (libfm files in the data dir)
+    ds = load_dataset("path/to/spec.yaml")     # any csv / parquet / libfm data, see spec.py
+    ds = load_dataset("synthetic", n=10_000)   # generated (dpn_jax.data.synthetic)
+    for batch in batches(ds.train, 1024, shuffle=True, seed=0, epoch=e): ...
+    for batch in padded_batches(ds.test, 4096): ...   # every row once, batch["mask"] marks real rows
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dpn_jax.data import cache, encode
+from dpn_jax.data.encode import FittedEncoders, build_dataset, fit_encoders
+from dpn_jax.data.frappe import find_data_dir, load_frappe
+from dpn_jax.data.schema import Dataset, FieldInfo, Schema, Split, split_len
+from dpn_jax.data.spec import DEFAULT_SEED, DatasetSpec, FieldSpec, load_spec, parse_spec
+from dpn_jax.errors import DataError
+
+BUILTIN = ("frappe", "synthetic")
+
+__all__ = [
+    "BUILTIN", "Dataset", "DatasetSpec", "FieldInfo", "FieldSpec", "FittedEncoders", "Schema", "Split",
+    "batches", "build_dataset", "find_data_dir", "fit_encoders", "load_dataset", "load_frappe",
+    "load_spec", "load_spec_dataset", "padded_batches", "parse_spec", "split_len",
+]  # fmt: skip
+
+
+def load_dataset(
+    name_or_spec: str | Path,
+    data_dir: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    seed: int = DEFAULT_SEED,
+    **synthetic_kwargs: Any,
+) -> Dataset:
+    """Load a built-in dataset ("frappe", "synthetic") or a ``.yaml``/``.yml`` spec's dataset.
+
+    ``seed`` seeds the carved splits (a spec's own ``split.seed`` wins) and the synthetic generator."""
+    name = str(name_or_spec)
+    if synthetic_kwargs and name != "synthetic":
+        raise DataError(
+            f"options {sorted(synthetic_kwargs)} apply only to the synthetic dataset, not {name!r}"
+        )
+    if name == "synthetic":
+        # Lazy: written separately, and importing it is not needed for real data.
+        from dpn_jax.data.synthetic import make_synthetic
+
+        return make_synthetic(seed=seed, **synthetic_kwargs)
+    if name == "frappe":
+        return load_frappe(data_dir=data_dir, cache_dir=cache_dir, seed=seed)
+    if name.lower().endswith((".yaml", ".yml")):
+        return load_spec_dataset(name, cache_dir=cache_dir, seed=seed)
+    raise DataError(
+        f"unknown dataset {name!r}; built-in datasets are {list(BUILTIN)}, "
+        "and a dataset spec must be a path ending in .yaml (or .yml)"
+    )
+
+
+def load_spec_dataset(
+    spec: str | Path | DatasetSpec, cache_dir: str | Path | None = None, seed: int = DEFAULT_SEED
+) -> Dataset:
+    """Encode (or load from the cache) the dataset described by a spec file or object."""
+    if not isinstance(spec, DatasetSpec):
+        spec = load_spec(spec, default_seed=seed)
+    return cache.cached_dataset(spec, encode.build_dataset, cache_dir)
+
+
+def batches(
+    split: Split, batch_size: int, *, shuffle: bool, seed: int, epoch: int, drop_last: bool = False
+) -> Iterator[dict[str, np.ndarray]]:
+    """Mini-batches (numpy dicts with the split's keys) covering every row once per epoch.
+    The order is a permutation from ``default_rng((seed, epoch))``: reproducible per epoch."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n = split_len(split)
+    order = np.random.default_rng((seed, epoch)).permutation(n) if shuffle else np.arange(n)
+    stop = n - n % batch_size if drop_last else n
+    for start in range(0, stop, batch_size):
+        idx = order[start : start + batch_size]
+        # One fancy-index per array; np.asarray turns a memmap result into a plain array.
+        yield {k: np.asarray(v[idx]) for k, v in split.items()}
+
+
+def padded_batches(split: Split, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Evaluation batches of exactly ``batch_size`` rows, in order: every row once; the last batch
+    is padded by repeating its last row, and float32 ``"mask"`` is 1 for real rows, 0 for padding
+    (so a jitted eval step sees one shape)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n = split_len(split)
+    for start in range(0, n, batch_size):
+        real = min(batch_size, n - start)
+        idx = np.arange(start, start + batch_size)
+        idx[real:] = start + real - 1
+        out = {k: np.asarray(v[idx]) for k, v in split.items()}
+        out["mask"] = (np.arange(batch_size) < real).astype(np.float32)
+        yield out

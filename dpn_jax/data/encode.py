@@ -1,0 +1,386 @@
+"""Fit encoders on the TRAIN split and turn raw columns into the arrays of :mod:`schema`.
+
+Rules (all statistics come from train only, so valid/test never leak into the encoding):
+
+* categorical: vocabulary ordered by frequency (desc), ties by token string; tokens seen fewer
+  than ``min_count`` times map to OOV. A missing cell is the token ``""`` -- an ordinary category,
+  so "missing" can carry signal (and is OOV at test time if train never had it).
+* numeric with ``buckets``: quantile edges on train (``np.quantile``, duplicates dropped); a value
+  becomes local id ``FIRST + k`` of its bucket; missing/non-finite -> OOV.
+* numeric (dense): ``(x - mean) / std`` with train statistics (std 0 -> 1); missing -> 0 (the mean).
+* sequence: cell split by ``sep`` (empty tokens dropped), the MOST RECENT ``max_len`` tokens kept
+  (the last ones), right-padded with the pad id. Own vocabulary from all train tokens, or the
+  ``share_vocab`` target's block (unknown tokens -> the target's OOV).
+
+``oov_counts`` = how many values (sequence: tokens) were mapped to OOV per field; on valid/test
+these are values unseen (or too rare) at train time, which the CLI logs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import Counter
+from collections.abc import Mapping
+from itertools import repeat
+from typing import Any, Literal
+
+import numpy as np
+
+from dpn_jax.data import readers
+from dpn_jax.data.schema import FIRST, OOV, Dataset, FieldInfo, Schema, Split
+from dpn_jax.data.spec import DatasetSpec, FieldSpec
+from dpn_jax.errors import DataError
+
+ENCODER_FORMAT = 1  # bump when the JSON layout of FittedEncoders changes
+
+
+@dataclasses.dataclass
+class FieldEncoder:
+    """The fitted state of one field (JSON-serialisable; lookup dicts are rebuilt lazily)."""
+
+    name: str
+    kind: Literal["cat", "num", "seq"]
+    column: str
+    vocab: list[str] | None = None  # categorical / own-vocab sequence: local FIRST + i
+    edges: list[float] | None = None  # bucketised numeric
+    mean: float = 0.0  # dense numeric
+    std: float = 1.0
+    sep: str = ""  # sequence
+    max_len: int = 0
+    share_vocab: str | None = None
+    _index: dict[str, int] | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    def index(self) -> dict[str, int]:
+        if self._index is None:
+            self._index = {tok: FIRST + i for i, tok in enumerate(self.vocab or [])}
+        return self._index
+
+    @property
+    def n_buckets(self) -> int:
+        return max(len(self.edges or []) - 1, 1)
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("_index")
+        return d
+
+
+@dataclasses.dataclass
+class FittedEncoders:
+    """Everything needed to encode raw rows exactly like the training data (e.g. for serving)."""
+
+    schema: Schema
+    label: str  # the label column (optional in transform's input)
+    fields: tuple[FieldEncoder, ...]  # in schema order
+
+    def field(self, name: str) -> FieldEncoder:
+        for f in self.fields:
+            if f.name == name:
+                return f
+        raise KeyError(name)
+
+    def transform(self, raw: Mapping[str, Any]) -> Split:
+        """Encode raw columns (column name -> sequence of values) into a split."""
+        return self.transform_with_counts(raw)[0]
+
+    def transform_with_counts(self, raw: Mapping[str, Any]) -> tuple[Split, dict[str, int]]:
+        n = _num_rows(raw, [f.column for f in self.fields] + [self.label])
+        out = _empty(self.schema, n)
+        counts: dict[str, int] = {}
+        for enc in self.fields:
+            info = self.schema.field(enc.name)
+            if enc.column not in raw:
+                raise DataError(
+                    f"column {enc.column!r} needed by field {enc.name!r} is missing; got columns {sorted(raw)}"
+                )
+            col = raw[enc.column]
+            if enc.kind == "num":
+                out["num"][:, info.column] = _standardise(
+                    _to_float(col, enc.column), enc.mean, enc.std
+                )
+            elif enc.kind == "cat":
+                if enc.edges is not None:
+                    local = _bucketise(_to_float(col, enc.column), enc.edges)
+                else:
+                    local = _lookup(_to_str(col), enc.index())
+                counts[enc.name] = int(np.count_nonzero(local == OOV))
+                out["cat"][:, info.column] = info.offset + local
+            else:
+                vocab_enc = self.field(enc.share_vocab) if enc.share_vocab else enc
+                out[f"seq/{enc.name}"], counts[enc.name] = _encode_seq(
+                    col, enc.sep, enc.max_len, vocab_enc.index(), info.offset
+                )
+        if self.label in raw:
+            out["label"] = np.asarray(raw[self.label], dtype=np.float32).reshape(n)
+        return out, counts
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": ENCODER_FORMAT,
+            "label": self.label,
+            "schema": self.schema.to_json(),
+            "fields": [f.to_json() for f in self.fields],
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> FittedEncoders:
+        if d.get("format") != ENCODER_FORMAT:
+            raise DataError(
+                f"encoder state has format {d.get('format')!r}; this dpn-jax reads {ENCODER_FORMAT}"
+            )
+        return cls(
+            schema=Schema.from_json(d["schema"]),
+            label=d["label"],
+            fields=tuple(FieldEncoder(**f) for f in d["fields"]),
+        )
+
+
+# ----------------------------------------------------------------------------- fitting
+
+
+def columns_needed(spec: DatasetSpec) -> dict[str, readers.ColumnKind]:
+    """Source columns to read and how: numeric fields as floats, everything else as text."""
+    cols: dict[str, readers.ColumnKind] = {}
+    for f in spec.fields:
+        kind: readers.ColumnKind = "float" if f.type == "numeric" else "str"
+        # A column used both as text and as a number is read as text and parsed by the encoder.
+        cols[f.column] = kind if cols.get(f.column, kind) == kind else "str"
+    return cols
+
+
+def fit_encoders(spec: DatasetSpec, train: Mapping[str, Any]) -> FittedEncoders:
+    """Fit every field on the train split and lay out the embedding table (schema)."""
+    encs: dict[str, FieldEncoder] = {}
+    for f in spec.fields:
+        col = train[f.column]
+        if f.type == "categorical":
+            encs[f.name] = FieldEncoder(
+                f.name, "cat", f.column, vocab=_fit_vocab(_to_str(col), f.min_count)
+            )
+        elif f.type == "numeric" and f.buckets > 0:
+            encs[f.name] = FieldEncoder(
+                f.name, "cat", f.column, edges=_fit_edges(_to_float(col, f.column), f.buckets)
+            )
+        elif f.type == "numeric":
+            mean, std = _fit_moments(_to_float(col, f.column))
+            encs[f.name] = FieldEncoder(f.name, "num", f.column, mean=mean, std=std)
+        else:
+            vocab = None
+            if f.share_vocab is None:
+                vocab = _fit_vocab(_tokens(col, f.sep, None)[0], f.min_count)
+            encs[f.name] = FieldEncoder(
+                f.name,
+                "seq",
+                f.column,
+                vocab=vocab,
+                sep=f.sep,
+                max_len=f.max_len,
+                share_vocab=f.share_vocab,
+            )
+    schema = _layout(spec.fields, encs)
+    ordered = tuple(encs[fi.name] for fi in schema.fields)
+    return FittedEncoders(schema=schema, label=spec.label, fields=ordered)
+
+
+def _layout(fields: tuple[FieldSpec, ...], encs: Mapping[str, FieldEncoder]) -> Schema:
+    """Schema order: cat (incl. bucketised), num, seq. Offsets: cat blocks, then own seq blocks."""
+    by_kind = {k: [f for f in fields if f.kind == k] for k in ("cat", "num", "seq")}
+    infos: dict[str, FieldInfo] = {}
+    offset = 0
+    for col, f in enumerate(by_kind["cat"]):
+        e = encs[f.name]
+        size = FIRST + (e.n_buckets if e.edges is not None else len(e.vocab or []))
+        infos[f.name] = FieldInfo(f.name, "cat", column=col, offset=offset, vocab_size=size)
+        offset += size
+    for col, f in enumerate(by_kind["num"]):
+        infos[f.name] = FieldInfo(f.name, "num", column=col)
+    for f in by_kind["seq"]:
+        if f.share_vocab is not None:
+            t = infos[f.share_vocab]
+            infos[f.name] = FieldInfo(
+                f.name,
+                "seq",
+                offset=t.offset,
+                vocab_size=t.vocab_size,
+                max_len=f.max_len,
+                share_vocab=t.name,
+            )
+        else:
+            size = FIRST + len(encs[f.name].vocab or [])
+            infos[f.name] = FieldInfo(
+                f.name, "seq", offset=offset, vocab_size=size, max_len=f.max_len
+            )
+            offset += size
+    ordered = [infos[f.name] for k in ("cat", "num", "seq") for f in by_kind[k]]
+    return Schema(fields=tuple(ordered), table_size=offset)
+
+
+def _fit_vocab(tokens: list[str], min_count: int) -> list[str]:
+    counts = Counter(tokens)
+    kept = [t for t, c in counts.items() if c >= min_count]
+    kept.sort(key=lambda t: (-counts[t], t))  # most frequent first, ties by token string
+    return kept
+
+
+def _fit_edges(x: np.ndarray, buckets: int) -> list[float]:
+    ok = x[np.isfinite(x)]
+    if ok.size == 0:
+        return []  # no train values: one bucket that nothing falls into (all OOV)
+    return np.unique(np.quantile(ok, np.linspace(0.0, 1.0, buckets + 1))).tolist()
+
+
+def _fit_moments(x: np.ndarray) -> tuple[float, float]:
+    ok = x[np.isfinite(x)]
+    if ok.size == 0:
+        return 0.0, 1.0
+    mean, std = float(ok.mean()), float(ok.std())
+    return mean, (std if std > 0 and np.isfinite(std) else 1.0)
+
+
+# ----------------------------------------------------------------------------- transforming
+
+
+def _to_str(col: Any) -> list[str]:
+    """Text tokens with missing (None) as "" -- an ordinary category."""
+    values = col.tolist() if isinstance(col, np.ndarray) else list(col)
+    return ["" if v is None else v if type(v) is str else str(v) for v in values]
+
+
+def _to_float(col: Any, name: str) -> np.ndarray:
+    arr = np.asarray(col)
+    if arr.dtype.kind in "fiub":
+        return arr.astype(np.float64).reshape(-1)
+    out = np.full(arr.size, np.nan)
+    for i, v in enumerate(arr.reshape(-1).tolist()):
+        if v is None or (isinstance(v, str) and not v.strip()):
+            continue
+        try:
+            out[i] = float(v)
+        except (TypeError, ValueError):
+            raise DataError(
+                f"numeric column {name!r} row {i + 1}: cannot parse {v!r} as a number"
+            ) from None
+    return out
+
+
+def _lookup(tokens: list[str], index: Mapping[str, int]) -> np.ndarray:
+    """Local ids; unknown -> OOV (a C-level dict lookup per token)."""
+    return np.fromiter(map(index.get, tokens, repeat(OOV)), np.int64, len(tokens))
+
+
+def _bucketise(x: np.ndarray, edges: list[float]) -> np.ndarray:
+    inner = np.asarray(edges[1:-1], dtype=np.float64)
+    local = FIRST + np.searchsorted(inner, x, side="right")  # [e_k, e_k+1) -> bucket k
+    return np.where(np.isfinite(x) & (len(edges) > 0), local, OOV).astype(np.int64)
+
+
+def _standardise(x: np.ndarray, mean: float, std: float) -> np.ndarray:
+    z = (x - mean) / std
+    return np.where(np.isfinite(z), z, 0.0).astype(np.float32)
+
+
+def _tokens(col: Any, sep: str, max_len: int | None) -> tuple[list[str], np.ndarray]:
+    """Flattened tokens of every cell (the last max_len of each) and the per-row lengths."""
+    flat: list[str] = []
+    lengths = np.zeros(len(col), np.int64)
+    for i, cell in enumerate(col):
+        if cell is None:
+            continue
+        parts = cell if isinstance(cell, (list, tuple, np.ndarray)) else str(cell).split(sep)
+        toks = [t for t in (str(p).strip() for p in parts) if t]
+        if max_len is not None:
+            toks = toks[-max_len:]  # left-truncate: the most recent behaviours are the last ones
+        flat.extend(toks)
+        lengths[i] = len(toks)
+    return flat, lengths
+
+
+def _encode_seq(
+    col: Any, sep: str, max_len: int, index: Mapping[str, int], offset: int
+) -> tuple[np.ndarray, int]:
+    n = len(col)
+    flat, lengths = _tokens(col, sep, max_len)
+    local = _lookup(flat, index)
+    out = np.full((n, max_len), offset, np.int32)  # offset + PAD
+    rows = np.repeat(np.arange(n), lengths)
+    pos = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    out[rows, pos] = offset + local
+    return out, int(np.count_nonzero(local == OOV))
+
+
+def _empty(schema: Schema, n: int) -> Split:
+    return {
+        "cat": np.zeros((n, len(schema.cat_fields)), np.int32),
+        "num": np.zeros((n, len(schema.numeric_fields)), np.float32),
+        **{f"seq/{f.name}": np.full((n, f.max_len), f.pad_id, np.int32) for f in schema.seq_fields},
+        "label": np.zeros((n,), np.float32),
+    }
+
+
+def _num_rows(raw: Mapping[str, Any], columns: list[str]) -> int:
+    lens = {c: len(raw[c]) for c in columns if c in raw}
+    if len(set(lens.values())) > 1:
+        raise DataError(f"columns have different lengths: {lens}")
+    return next(iter(lens.values()), 0)
+
+
+# ----------------------------------------------------------------------------- whole dataset
+
+
+def carve(n: int, spec: DatasetSpec) -> dict[str, np.ndarray]:
+    """Row indices of train/valid/test carved from the train file(s): a seeded permutation,
+    each part kept in file order (sequence data stays chronological)."""
+    perm = np.random.default_rng(spec.split.seed).permutation(n)
+    n_test = int(round(n * spec.split.test))
+    n_valid = int(round(n * spec.split.valid))
+    parts = {
+        "test": perm[:n_test],
+        "valid": perm[n_test : n_test + n_valid],
+        "train": perm[n_test + n_valid :],
+    }
+    if parts["train"].size == 0:
+        raise DataError(f"{spec.source}: the split leaves no training rows out of {n}")
+    for role in ("valid", "test"):
+        frac = getattr(spec.split, role)
+        if (
+            frac > 0 and parts[role].size == 0
+        ):  # an empty eval split would only surface as NaN metrics
+            raise DataError(
+                f"{spec.source}: split.{role} = {frac:g} of {n} training rows is 0 rows; "
+                f"raise the fraction or give a {role} file"
+            )
+    return {k: np.sort(v) for k, v in parts.items()}
+
+
+def build_dataset(spec: DatasetSpec) -> Dataset:
+    """Read, split, fit on train, encode every split. (Caching lives in :mod:`cache`.)"""
+    cols = columns_needed(spec)
+
+    def read(paths: tuple) -> dict[str, np.ndarray]:
+        # Looked up through the module so tests can monkeypatch readers.read_table.
+        return readers.read_table(list(paths), spec.format, cols, sep=spec.sep, label=spec.label)
+
+    source = read(spec.train)
+    idx = carve(len(source[spec.label]), spec)
+    raw = {k: {c: a[idx[k]] for c, a in source.items()} for k in ("train", "valid", "test")}
+    for role in ("valid", "test"):
+        if getattr(spec, role):
+            raw[role] = read(getattr(spec, role))
+
+    enc = fit_encoders(spec, raw["train"])
+    splits: dict[str, Split] = {}
+    oov: dict[str, dict[str, int]] = {}
+    for role in ("train", "valid", "test"):
+        splits[role], oov[role] = enc.transform_with_counts(raw[role])
+    meta = {
+        "source": spec.source,
+        "spec": json.loads(spec.canonical_json()),
+        "oov_counts": oov,
+        "bucket_edges": {e.name: e.edges for e in enc.fields if e.edges is not None},
+        "numeric_stats": {
+            e.name: {"mean": e.mean, "std": e.std} for e in enc.fields if e.kind == "num"
+        },
+        "encoders": enc.to_json(),  # FittedEncoders.from_json(ds.meta["encoders"]) re-encodes raw rows
+    }
+    return Dataset(spec.name, enc.schema, splits["train"], splits["valid"], splits["test"], meta)

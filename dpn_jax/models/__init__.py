@@ -1,0 +1,14 @@
+"""CTR models, found by name: ``build_model(name, schema, **options)``."""
+
+from dpn_jax.models import dnn, linear  # noqa: F401  (registers the models)
+from dpn_jax.models.registry import (
+    available_models,
+    build_model,
+    get_model_class,
+    model_options,
+    model_summary,
+    register,
+)
+
+__all__ = ["available_models", "build_model", "get_model_class", "model_options",
+           "model_summary", "register"]

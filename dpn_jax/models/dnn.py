@@ -1,0 +1,37 @@
+"""The DNN baseline of the AFN/BARS protocol."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from dpn_jax.data.schema import Schema
+from dpn_jax.models.registry import register
+from dpn_jax.nn.embedding import FieldEmbedding
+from dpn_jax.nn.mlp import MLP
+
+
+@register("dnn")
+class DNN(nn.Module):
+    """Embedding -> MLP 400-400-400 (BatchNorm, ReLU, dropout) -> logit.
+
+    Defaults follow the AFN paper (AAAI 2020, Sec. 4.1) and BARS: embedding 10, three hidden
+    layers of 400 with BatchNorm and ReLU; dropout off (turn it on with ``--set dropout=0.2``)."""
+
+    schema: Schema
+    embedding_dim: int = 10
+    hidden: Sequence[int] = (400, 400, 400)
+    batch_norm: bool = True
+    dropout: float = 0.0
+    act: str = "relu"
+    bn_momentum: float = 0.9
+
+    @nn.compact
+    def __call__(self, batch, train: bool = False) -> jnp.ndarray:
+        e = FieldEmbedding(self.schema, dim=self.embedding_dim, name="embedding")(batch)
+        h = e.reshape(e.shape[0], -1)
+        h = MLP(tuple(self.hidden), self.batch_norm, self.dropout, self.act, self.bn_momentum,
+                name="mlp")(h, train)
+        return nn.Dense(1, name="out")(h)[:, 0]

@@ -1,0 +1,121 @@
+"""Flax Linen wrappers of the DPO (paper §2.2-2.3; NOTES §3-4).
+
+The modules only own parameters; every formula lives in the pure functions of :mod:`dpn_jax.dpo`.
+Each field of the generator's parameter NamedTuple becomes one Flax param (nested fields are joined
+with ``_``), so checkpoints read ``params["kernel"]``, ``params["hidden_kernel"]``, ...
+The low-rank ``kernel`` is ``[m, rank+1, n]`` with ``kernel[:, 0, :]`` the static, Dense-layout kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dpn_jax import dpo
+from dpn_jax.errors import ConfigError
+
+Array = jax.Array
+
+
+def _declare(module: nn.Module, init_fn: Callable[[jax.Array], Any]) -> Any:
+    """Registers the NamedTuple returned by ``init_fn(key)`` field by field and rebuilds it.
+
+    Each field gets its own Flax RNG stream; calling ``init_fn`` per field only costs at init time.
+    """
+    template = jax.eval_shape(init_fn, jax.random.key(0))
+
+    def declare(path: tuple[str, ...], node: Any) -> Any:
+        if node is None:
+            return None
+        if isinstance(node, tuple) and hasattr(node, "_fields"):
+            return type(node)(*(declare(path + (f,), v) for f, v in zip(node._fields, node)))
+
+        def init_leaf(key: jax.Array) -> Array:
+            leaf = init_fn(key)
+            for f in path:
+                leaf = getattr(leaf, f)
+            return leaf
+
+        # Flax params must be a flat name per call: join nested paths ("hidden_kernel").
+        return module.param("_".join(path), init_leaf)
+
+    return declare((), template)
+
+
+class FeatureDPO(nn.Module):
+    """Feature-based DPO ("DyMLP", NOTES §3): ``y = W(z) x + b(z)``, ``x [B,m], z [B,c] -> [B,features]``.
+
+    ``generator``: one of ``dpn_jax.dpo.GENERATORS`` (``"lowrank"`` = Eqn. 5, the default;
+    ``heads > 1`` makes it multi-head).  A fresh layer behaves like ``nn.Dense(features)``
+    (static part LeCun-initialised, dynamic part ``dynamic_scale`` of it).
+    """
+
+    features: int
+    generator: str = "lowrank"
+    rank: int = 4
+    heads: int = 1
+    num_kernels: int = 4
+    hidden_activation: str = "relu"
+    use_bias: bool = True
+    dynamic_scale: float = dpo.DEFAULT_DYNAMIC_SCALE
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, z: Array) -> Array:
+        if x.ndim != 2 or z.ndim != 2:
+            raise ValueError(f"FeatureDPO expects x [B,m] and z [B,c], got {x.shape}, {z.shape}")
+        gen = dpo.make_generator(
+            self.generator, x.shape[-1], self.features, z.shape[-1], rank=self.rank,
+            heads=self.heads, num_kernels=self.num_kernels, activation=self.hidden_activation,
+            use_bias=self.use_bias, dynamic_scale=self.dynamic_scale, dtype=self.param_dtype)
+        params = _declare(self, gen.init)
+        return gen.apply(params, x, z)
+
+
+class FieldDPO(nn.Module):
+    """Field-based DPO (NOTES §4): ``x [B,F,d], z [B,F,c] (default x) -> [B,F,features or d]``.
+
+    ``aggregation``: ``"self"`` ``y_i = g(z_i)x_i``, ``"sum"`` ``Σ_j g(z_j)x_i`` (``exclude_self``
+    drops ``j = i``), ``"attentive"`` ``Σ_j a_ij g(z_j)x_i`` (``a`` from ``scores`` if given, else a
+    learned bilinear attention ``softmax_j(x_iᵀA z_j/√c)``), ``"concat"`` ``g([z_1..z_F])x_i``.
+    The generator is shared by all fields; the kernels differ per field and per instance.
+    """
+
+    aggregation: str = "self"
+    generator: str = "lowrank"
+    rank: int = 4
+    features: int | None = None
+    heads: int = 1
+    num_kernels: int = 4
+    hidden_activation: str = "relu"
+    use_bias: bool = True
+    exclude_self: bool = False
+    dynamic_scale: float = dpo.DEFAULT_DYNAMIC_SCALE
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, z: Array | None = None, scores: Array | None = None) -> Array:
+        if self.aggregation not in dpo.FIELD_AGGREGATIONS:
+            raise ConfigError(f"unknown field aggregation {self.aggregation!r}; expected one of "
+                              f"{list(dpo.FIELD_AGGREGATIONS)}")
+        z = x if z is None else z
+        if x.ndim != 3 or z.ndim != 3 or x.shape[:2] != z.shape[:2]:
+            raise ValueError(f"FieldDPO expects x [B,F,d] and z [B,F,c], got {x.shape}, {z.shape}")
+        fields, d, c = x.shape[1], x.shape[2], z.shape[2]
+        context = fields * c if self.aggregation == "concat" else c
+        gen = dpo.make_generator(
+            self.generator, d, self.features or d, context, rank=self.rank, heads=self.heads,
+            num_kernels=self.num_kernels, activation=self.hidden_activation,
+            use_bias=self.use_bias, dynamic_scale=self.dynamic_scale, dtype=self.param_dtype)
+        params = _declare(self, gen.init)
+        if self.aggregation == "attentive" and scores is None:
+            att = self.param("attention_kernel", lambda k: dpo.init_bilinear_attention(
+                k, d, c, self.param_dtype).kernel)
+            scores = dpo.bilinear_attention(dpo.BilinearAttentionParams(att), x, z,
+                                            exclude_self=self.exclude_self)
+        return dpo.field_apply(self.aggregation, gen, params, x, z, scores=scores,
+                               exclude_self=self.exclude_self)

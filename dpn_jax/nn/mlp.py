@@ -1,0 +1,42 @@
+"""The DNN tower of the AFN/BARS protocol: Dense -> BatchNorm -> activation -> dropout."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu, "tanh": jnp.tanh, "sigmoid": nn.sigmoid,
+               "silu": nn.silu, "linear": lambda x: x}
+
+
+def activation(name: str):
+    from dpn_jax.errors import ConfigError
+
+    if name not in ACTIVATIONS:
+        raise ConfigError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+class MLP(nn.Module):
+    """Hidden layers only (no output unit); ``bn_momentum`` uses Flax's convention
+    (running = momentum * running + (1 - momentum) * batch), so 0.9 equals PyTorch's 0.1."""
+
+    hidden: Sequence[int] = (400, 400, 400)
+    batch_norm: bool = True
+    dropout: float = 0.0
+    act: str = "relu"
+    bn_momentum: float = 0.9
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        f = activation(self.act)
+        for width in self.hidden:
+            x = nn.Dense(width, use_bias=not self.batch_norm)(x)
+            if self.batch_norm:
+                x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum)(x)
+            x = f(x)
+            if self.dropout > 0:
+                x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        return x

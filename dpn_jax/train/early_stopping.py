@@ -1,0 +1,34 @@
+"""Early stopping on a metric that should increase (validation AUC)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+
+@dataclasses.dataclass
+class EarlyStopping:
+    """``update(value)`` returns True when ``value`` is a new best (by more than ``min_delta``);
+    ``should_stop`` turns True after ``patience`` consecutive epochs without one."""
+
+    patience: int = 2
+    min_delta: float = 0.0
+    best: float = -math.inf
+    best_epoch: int = 0
+    epoch: int = 0
+    bad_epochs: int = 0
+
+    def update(self, value: float) -> bool:
+        self.epoch += 1
+        if math.isfinite(value) and value > self.best + self.min_delta:
+            self.best, self.best_epoch, self.bad_epochs = value, self.epoch, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.bad_epochs >= self.patience
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -1,0 +1,120 @@
+"""Train state, optimiser and the pure train/eval steps."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from dpn_jax.train.config import TrainConfig
+
+EMBEDDING_PARAMS = ("table", "numeric")  # parameter names owned by FieldEmbedding
+
+
+class TrainState(struct.PyTreeNode):
+    step: jnp.ndarray
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    rng: jnp.ndarray  # dropout key; folded with the step so each step differs
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """Adam with the learning rate as data (``inject_hyperparams``) so reduce-on-plateau and
+    sweeps change it without recompiling."""
+    adam = optax.inject_hyperparams(optax.adam)(learning_rate=cfg.lr)
+    if cfg.grad_clip > 0:
+        return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adam)
+    return adam
+
+
+def _inject_state(opt_state):
+    """The ``InjectHyperparamsState`` (itself a tuple) alone or at the end of a chain."""
+    return opt_state if hasattr(opt_state, "hyperparams") else opt_state[-1]
+
+
+def get_lr(state: TrainState) -> float:
+    return float(_inject_state(state.opt_state).hyperparams["learning_rate"])
+
+
+def set_lr(state: TrainState, lr: float) -> TrainState:
+    inner = _inject_state(state.opt_state)
+    hp = dict(inner.hyperparams)
+    hp["learning_rate"] = jnp.asarray(lr, dtype=jnp.asarray(hp["learning_rate"]).dtype)
+    inner = inner._replace(hyperparams=hp)
+    opt_state = inner if hasattr(state.opt_state, "hyperparams") else (*state.opt_state[:-1], inner)
+    return state.replace(opt_state=opt_state)
+
+
+def init_state(model: nn.Module, example_batch: dict, cfg: TrainConfig,
+               tx: optax.GradientTransformation) -> TrainState:
+    key = jax.random.PRNGKey(cfg.seed)
+    init_key, dropout_key = jax.random.split(key)
+    variables = model.init({"params": init_key, "dropout": dropout_key}, example_batch, train=False)
+    params = variables["params"]
+    batch_stats = variables.get("batch_stats", {})
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                      opt_state=tx.init(params), rng=dropout_key)
+
+
+def count_params(params) -> int:
+    return int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
+
+
+def _l2(params, names: tuple[str, ...]) -> jnp.ndarray:
+    total = jnp.zeros((), jnp.float32)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        if getattr(path[-1], "key", None) in names:
+            total = total + jnp.sum(jnp.square(leaf))
+    return total
+
+
+def bce_with_logits(logits: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
+    return optax.sigmoid_binary_cross_entropy(logits, labels)
+
+
+def make_train_step(model: nn.Module, cfg: TrainConfig, tx: optax.GradientTransformation
+                    ) -> Callable[[TrainState, dict], tuple[TrainState, jnp.ndarray]]:
+    """Pure ``(state, batch) -> (state, loss)``; jit it with ``donate_argnums=0``."""
+    def loss_fn(params, batch_stats, batch, rng):
+        if batch_stats:
+            logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, batch,
+                                          train=True, rngs={"dropout": rng}, mutable=["batch_stats"])
+        else:
+            logits, updates = model.apply({"params": params}, batch, train=True,
+                                          rngs={"dropout": rng}), {}
+        data_loss = jnp.mean(bce_with_logits(logits, batch["label"]))
+        loss = data_loss
+        if cfg.embedding_l2 > 0:
+            loss = loss + cfg.embedding_l2 * _l2(params, EMBEDDING_PARAMS)
+        if cfg.net_l2 > 0:
+            loss = loss + cfg.net_l2 * _l2(params, ("kernel",))
+        return loss, (data_loss, updates.get("batch_stats", batch_stats))
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, jnp.ndarray]:
+        rng = jax.random.fold_in(state.rng, state.step)
+        (_, (data_loss, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, state.batch_stats, batch, rng)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
+                             opt_state=opt_state), data_loss
+
+    return train_step
+
+
+def make_predict(model: nn.Module) -> Callable[[Any, Any, dict], jnp.ndarray]:
+    """Pure ``(params, batch_stats, batch) -> logits`` in inference mode."""
+
+    def predict(params, batch_stats, batch):
+        variables = {"params": params}
+        if batch_stats:
+            variables["batch_stats"] = batch_stats
+        return model.apply(variables, batch, train=False)
+
+    return predict

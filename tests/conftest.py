@@ -1,0 +1,38 @@
+"""Shared fixtures: small generated datasets, and the location of the real data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path | None:
+    for cand in (os.environ.get("DPN_DATA_DIR"), REPO.parent / "shared" / "data"):
+        if cand and (Path(cand) / "frappe" / "frappe.test.libfm").exists():
+            return Path(cand)
+    return None
+
+
+@pytest.fixture(scope="session")
+def tiny_synthetic():
+    from dpn_jax.data.synthetic import make_synthetic
+
+    return make_synthetic(seed=3, rows=3000, fields=4, vocab=10)
+
+
+@pytest.fixture(scope="session")
+def frappe_dir() -> Path:
+    d = shared_data_dir()
+    if d is None:
+        pytest.skip("../shared/data/frappe not found: set DPN_DATA_DIR to the folder holding frappe/")
+    return d
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    # Tests never write to the user's ~/.cache.
+    monkeypatch.setenv("DPN_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "dpn-cache"))
