@@ -124,3 +124,18 @@ def test_registry_errors():
     with pytest.raises(ConfigError, match="has no option 'width'.*hidden"):
         build_model("dnn", mixed_schema(), width=3)
     assert model_options("dnn")["hidden"] == (400, 400, 400)
+
+
+def test_dropout16_is_unbiased_with_the_right_rate():
+    from dpn_jax.nn.dropout import Dropout16
+
+    x = jnp.ones((400, 1000))
+    y = np.asarray(Dropout16(0.3).apply({}, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(0)}))
+    kept = y != 0
+    assert abs(kept.mean() - 0.7) < 0.005
+    np.testing.assert_allclose(y[kept], 65536 / (65536 - round(0.3 * 65536)), rtol=1e-6)
+    assert abs(y.mean() - 1.0) < 0.01
+    np.testing.assert_array_equal(np.asarray(Dropout16(0.3).apply({}, x, deterministic=True)), np.asarray(x))
+    # different keys give different masks (the bits are really used)
+    y2 = np.asarray(Dropout16(0.3).apply({}, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(1)}))
+    assert (kept != (y2 != 0)).mean() > 0.3

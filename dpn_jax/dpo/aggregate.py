@@ -26,7 +26,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from dpn_jax.dpo.generate import WeightGenerator, lecun_normal
+from dpn_jax.dpo.generate import WeightGenerator, draw, jit_init, lecun_std
 from dpn_jax.errors import ConfigError
 
 Array = jax.Array
@@ -63,10 +63,12 @@ class BilinearAttentionParams(NamedTuple):
     kernel: Array  # A [d_x, d_z]
 
 
+@jit_init
 def init_bilinear_attention(key: chex.PRNGKey, x_features: int, z_features: int,
                             dtype: Any = jnp.float32) -> BilinearAttentionParams:
     """LeCun ``A``: with unit-variance fields the scores ``x_iᵀ A z_j`` start with ~unit variance."""
-    return BilinearAttentionParams(lecun_normal(key, (x_features, z_features), x_features, dtype))
+    return BilinearAttentionParams(
+        draw(key, [((x_features, z_features), lecun_std(x_features))], dtype)[0])
 
 
 def bilinear_attention(params: BilinearAttentionParams, x: Array, z: Array, *,

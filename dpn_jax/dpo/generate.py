@@ -27,8 +27,9 @@ unit-variance ``x`` and ``z``, its output has std ``≈ dynamic_scale · sqrt(E[
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import chex
@@ -108,15 +109,45 @@ class WeightGenerator(NamedTuple):
 # shared helpers
 
 
-def lecun_normal(key: chex.PRNGKey, shape: tuple[int, ...], fan_in: int, dtype: Any) -> Array:
-    """Truncated-normal LeCun init, the distribution of ``flax.linen.Dense``'s default kernel."""
-    init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
-    # variance_scaling reads fan-in from the shape; draw a [fan_in, rest] matrix and reshape.
-    return init(key, (fan_in, math.prod(shape) // fan_in), dtype).reshape(shape)
+# Inits are jitted with their hyper-parameters static and draw ALL their random numbers in ONE
+# truncated-normal call: on CPU each random op costs ~0.5 s of XLA compile, so an eager
+# ``model.init`` of a DPN would otherwise spend seconds per layer compiling random ops.
+_STATIC_INIT_ARGS = ("in_features", "out_features", "context_features", "rank", "heads",
+                     "num_kernels", "use_bias", "dynamic_scale", "dtype", "x_features",
+                     "z_features", "shape", "fan_in")
+_TRUNC_STD = 0.87962566103423978  # std of N(0, 1) truncated to [-2, 2] (as in variance_scaling)
 
 
-def _normal(key: chex.PRNGKey, shape: tuple[int, ...], std: float, dtype: Any) -> Array:
-    return std * jax.random.normal(key, shape, dtype)
+def jit_init(fn: Callable) -> Callable:
+    """``jax.jit`` with every hyper-parameter argument of ``fn`` static."""
+    names = tuple(n for n in inspect.signature(fn).parameters if n in _STATIC_INIT_ARGS)
+    return jax.jit(fn, static_argnames=names)
+
+
+def draw(key: chex.PRNGKey, specs: Sequence[tuple[tuple[int, ...], float]], dtype: Any
+         ) -> list[Array]:
+    """Arrays of the given ``(shape, std)`` from one truncated-normal (±2σ) draw.
+
+    ``std = 1/sqrt(fan_in)`` is LeCun-normal, the distribution of ``flax.linen.Dense``'s kernel.
+    """
+    sizes = [math.prod(shape) for shape, _ in specs]
+    flat = jax.random.truncated_normal(key, -2.0, 2.0, (sum(sizes),), dtype)
+    out, start = [], 0
+    for (shape, std), size in zip(specs, sizes):
+        out.append(flat[start:start + size].reshape(shape) * jnp.asarray(std / _TRUNC_STD, dtype))
+        start += size
+    return out
+
+
+def lecun_std(fan_in: int) -> float:
+    return 1.0 / math.sqrt(fan_in)
+
+
+@jit_init
+def lecun_normal(key: chex.PRNGKey, shape: tuple[int, ...], fan_in: int, dtype: Any = jnp.float32
+                 ) -> Array:
+    """LeCun truncated normal of any shape with an explicit ``fan_in``."""
+    return draw(key, [(shape, lecun_std(fan_in))], dtype)[0]
 
 
 def _with_one(h: Array) -> Array:
@@ -149,11 +180,20 @@ class HiddenParams(NamedTuple):
     bias: Array  # b̂ [l]
 
 
+def _hidden_spec(context_features: int, rank: int) -> tuple[tuple[int, ...], float]:
+    """LeCun ``Ŵ``: pre-activations get the variance of ``z``; ``b̂`` starts at zero."""
+    return (context_features, rank), lecun_std(context_features)
+
+
+def _hidden(kernel: Array) -> HiddenParams:
+    return HiddenParams(kernel, jnp.zeros(kernel.shape[1:], kernel.dtype))
+
+
+@jit_init
 def init_hidden(key: chex.PRNGKey, context_features: int, rank: int, dtype: Any = jnp.float32
                 ) -> HiddenParams:
     """LeCun ``Ŵ`` (pre-activations have the variance of ``z``), zero ``b̂``."""
-    return HiddenParams(lecun_normal(key, (context_features, rank), context_features, dtype),
-                        jnp.zeros((rank,), dtype))
+    return _hidden(draw(key, [_hidden_spec(context_features, rank)], dtype)[0])
 
 
 def hidden(params: HiddenParams, z: Array, activation: Activation) -> Array:
@@ -179,18 +219,19 @@ class LowRankParams(NamedTuple):
     bias: Array | None  # [l+1, n]
 
 
+@jit_init
 def init_lowrank(key: chex.PRNGKey, in_features: int, out_features: int, context_features: int,
                  rank: int = 4, *, use_bias: bool = True,
                  dynamic_scale: float = DEFAULT_DYNAMIC_SCALE, dtype: Any = jnp.float32
                  ) -> LowRankParams:
     """Eqn. 5 parameters; static ``ḃ`` LeCun, ``Ẇ`` small (module docstring)."""
-    k_h, k_s, k_d = jax.random.split(key, 3)
-    static = lecun_normal(k_s, (in_features, 1, out_features), in_features, dtype)
-    dyn = _normal(k_d, (in_features, rank, out_features),
-                  _dynamic_std(in_features, rank, dynamic_scale), dtype)
+    hk, static, dyn = draw(key, [
+        _hidden_spec(context_features, rank),
+        ((in_features, 1, out_features), lecun_std(in_features)),
+        ((in_features, rank, out_features), _dynamic_std(in_features, rank, dynamic_scale))],
+        dtype)
     bias = jnp.zeros((rank + 1, out_features), dtype) if use_bias else None
-    return LowRankParams(init_hidden(k_h, context_features, rank, dtype),
-                         jnp.concatenate([static, dyn], axis=1), bias)
+    return LowRankParams(_hidden(hk), jnp.concatenate([static, dyn], axis=1), bias)
 
 
 def lowrank(in_features: int, out_features: int, context_features: int, rank: int = 4, *,
@@ -228,14 +269,15 @@ class HyperDenseParams(NamedTuple):
     bias: Array | None  # [c+1, n]
 
 
+@jit_init
 def init_hyperdense(key: chex.PRNGKey, in_features: int, out_features: int,
                     context_features: int, *, use_bias: bool = True,
                     dynamic_scale: float = DEFAULT_DYNAMIC_SCALE, dtype: Any = jnp.float32
                     ) -> HyperDenseParams:
-    k_s, k_d = jax.random.split(key)
-    static = lecun_normal(k_s, (in_features, 1, out_features), in_features, dtype)
-    dyn = _normal(k_d, (in_features, context_features, out_features),
-                  _dynamic_std(in_features, context_features, dynamic_scale), dtype)
+    static, dyn = draw(key, [
+        ((in_features, 1, out_features), lecun_std(in_features)),
+        ((in_features, context_features, out_features),
+         _dynamic_std(in_features, context_features, dynamic_scale))], dtype)
     bias = jnp.zeros((context_features + 1, out_features), dtype) if use_bias else None
     return HyperDenseParams(jnp.concatenate([static, dyn], axis=1), bias)
 
@@ -275,17 +317,18 @@ class MultiHeadParams(NamedTuple):
     bias: Array | None  # [H, l+1, n/H]
 
 
+@jit_init
 def init_multihead(key: chex.PRNGKey, in_features: int, out_features: int,
                    context_features: int, rank: int = 4, heads: int = 2, *,
                    use_bias: bool = True, dynamic_scale: float = DEFAULT_DYNAMIC_SCALE,
                    dtype: Any = jnp.float32) -> MultiHeadParams:
     mh, nh = in_features // heads, out_features // heads
-    k_h, k_s, k_d = jax.random.split(key, 3)
-    static = lecun_normal(k_s, (heads, mh, 1, nh), mh, dtype)  # fan-in per head
-    dyn = _normal(k_d, (heads, mh, rank, nh), _dynamic_std(mh, rank, dynamic_scale), dtype)
+    hk, static, dyn = draw(key, [
+        _hidden_spec(context_features, heads * rank),
+        ((heads, mh, 1, nh), lecun_std(mh)),  # fan-in per head
+        ((heads, mh, rank, nh), _dynamic_std(mh, rank, dynamic_scale))], dtype)
     bias = jnp.zeros((heads, rank + 1, nh), dtype) if use_bias else None
-    return MultiHeadParams(init_hidden(k_h, context_features, heads * rank, dtype),
-                           jnp.concatenate([static, dyn], axis=2), bias)
+    return MultiHeadParams(_hidden(hk), jnp.concatenate([static, dyn], axis=2), bias)
 
 
 def multihead(in_features: int, out_features: int, context_features: int, rank: int = 4,
@@ -340,19 +383,20 @@ class MixtureParams(NamedTuple):
     bias: Array | None  # [K, n]
 
 
+@jit_init
 def init_mixture(key: chex.PRNGKey, in_features: int, out_features: int, context_features: int,
                  num_kernels: int = 4, *, use_bias: bool = True,
                  dynamic_scale: float = DEFAULT_DYNAMIC_SCALE, dtype: Any = jnp.float32
                  ) -> MixtureParams:
     """``W_k = W_0 + δ_k``: since ``Σ_k s_k = 1`` the shared LeCun ``W_0`` is the static kernel;
     ``δ_k`` (std ``dynamic_scale·sqrt(K/m)``) is the gated part, ≈``dynamic_scale`` of it."""
-    k_g, k_s, k_d = jax.random.split(key, 3)
-    shared = lecun_normal(k_s, (in_features, 1, out_features), in_features, dtype)
-    delta = _normal(k_d, (in_features, num_kernels, out_features),
-                    dynamic_scale * math.sqrt(num_kernels / in_features), dtype)
+    gate, shared, delta = draw(key, [
+        ((context_features, num_kernels), lecun_std(context_features)),
+        ((in_features, 1, out_features), lecun_std(in_features)),
+        ((in_features, num_kernels, out_features),
+         dynamic_scale * math.sqrt(num_kernels / in_features))], dtype)
     bias = jnp.zeros((num_kernels, out_features), dtype) if use_bias else None
-    return MixtureParams(lecun_normal(k_g, (context_features, num_kernels), context_features, dtype),
-                         jnp.zeros((num_kernels,), dtype), shared + delta, bias)
+    return MixtureParams(gate, jnp.zeros((num_kernels,), dtype), shared + delta, bias)
 
 
 def mixture(in_features: int, out_features: int, context_features: int, num_kernels: int = 4, *,
@@ -382,16 +426,18 @@ class DiagonalParams(NamedTuple):
     bias: Array | None  # [l+1, n]
 
 
+@jit_init
 def init_diagonal(key: chex.PRNGKey, in_features: int, out_features: int, context_features: int,
                   rank: int = 4, *, use_bias: bool = True,
                   dynamic_scale: float = DEFAULT_DYNAMIC_SCALE, dtype: Any = jnp.float32
                   ) -> DiagonalParams:
-    k_h, k_s, k_d = jax.random.split(key, 3)
     k = min(in_features, out_features)
     # A diagonal entry multiplies one input (fan-in 1), hence no 1/m in its std.
-    return DiagonalParams(init_hidden(k_h, context_features, rank, dtype),
-                          lecun_normal(k_s, (in_features, out_features), in_features, dtype),
-                          _normal(k_d, (rank, k), _dynamic_std(1, rank, dynamic_scale), dtype),
+    hk, static, diag = draw(key, [
+        _hidden_spec(context_features, rank),
+        ((in_features, out_features), lecun_std(in_features)),
+        ((rank, k), _dynamic_std(1, rank, dynamic_scale))], dtype)
+    return DiagonalParams(_hidden(hk), static, diag,
                           jnp.zeros((rank + 1, out_features), dtype) if use_bias else None)
 
 
@@ -447,18 +493,19 @@ class RankOneCoefficients(NamedTuple):
     quadratic: Array  # [B, l, l] = h ⊗ h
 
 
+@jit_init
 def init_rank1(key: chex.PRNGKey, in_features: int, out_features: int, context_features: int,
                rank: int = 4, *, use_bias: bool = True,
                dynamic_scale: float = DEFAULT_DYNAMIC_SCALE, dtype: Any = jnp.float32
                ) -> RankOneParams:
     """Var(u) · Var(v·x) ≈ dynamic_scale² for unit ``h``: split the scale evenly over ``U``, ``V``."""
-    k_h, k_s, k_u, k_v = jax.random.split(key, 4)
     s = math.sqrt(dynamic_scale)
-    return RankOneParams(init_hidden(k_h, context_features, rank, dtype),
-                         lecun_normal(k_s, (in_features, out_features), in_features, dtype),
-                         _normal(k_u, (rank, out_features), _dynamic_std(1, rank, s), dtype),
-                         _normal(k_v, (rank, in_features), _dynamic_std(in_features, rank, s),
-                                 dtype),
+    hk, static, u, v = draw(key, [
+        _hidden_spec(context_features, rank),
+        ((in_features, out_features), lecun_std(in_features)),
+        ((rank, out_features), _dynamic_std(1, rank, s)),
+        ((rank, in_features), _dynamic_std(in_features, rank, s))], dtype)
+    return RankOneParams(_hidden(hk), static, u, v,
                          jnp.zeros((rank + 1, out_features), dtype) if use_bias else None)
 
 

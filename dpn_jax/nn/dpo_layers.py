@@ -24,24 +24,21 @@ Array = jax.Array
 def _declare(module: nn.Module, init_fn: Callable[[jax.Array], Any]) -> Any:
     """Registers the NamedTuple returned by ``init_fn(key)`` field by field and rebuilds it.
 
-    Each field gets its own Flax RNG stream; calling ``init_fn`` per field only costs at init time.
+    ``init_fn`` runs once, at init, on the module's ``params`` RNG; when applying only its
+    structure is traced (``eval_shape``) to name the stored params.
     """
-    template = jax.eval_shape(init_fn, jax.random.key(0))
+    if module.is_initializing():
+        template = init_fn(module.make_rng("params"))
+    else:
+        template = jax.eval_shape(init_fn, jax.random.key(0))
 
     def declare(path: tuple[str, ...], node: Any) -> Any:
         if node is None:
             return None
         if isinstance(node, tuple) and hasattr(node, "_fields"):
             return type(node)(*(declare(path + (f,), v) for f, v in zip(node._fields, node)))
-
-        def init_leaf(key: jax.Array) -> Array:
-            leaf = init_fn(key)
-            for f in path:
-                leaf = getattr(leaf, f)
-            return leaf
-
-        # Flax params must be a flat name per call: join nested paths ("hidden_kernel").
-        return module.param("_".join(path), init_leaf)
+        # Flax wants one name per param: join nested paths ("hidden_kernel").
+        return module.param("_".join(path), lambda _key, value=node: value)
 
     return declare((), template)
 

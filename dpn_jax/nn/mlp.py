@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from dpn_jax.nn.dropout import Dropout16
+
 ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu, "tanh": jnp.tanh, "sigmoid": nn.sigmoid,
                "silu": nn.silu, "linear": lambda x: x}
 
@@ -28,15 +30,18 @@ class MLP(nn.Module):
     dropout: float = 0.0
     act: str = "relu"
     bn_momentum: float = 0.9
+    # Glorot-normal kernels, zero biases: FuxiCTR/BARS's init (BaseModel.init_weights).
+    kernel_init: str = "glorot_normal"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         f = activation(self.act)
         for width in self.hidden:
-            x = nn.Dense(width, use_bias=not self.batch_norm)(x)
+            x = nn.Dense(width, use_bias=not self.batch_norm,
+                         kernel_init=getattr(nn.initializers, self.kernel_init)())(x)
             if self.batch_norm:
                 x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum)(x)
             x = f(x)
             if self.dropout > 0:
-                x = nn.Dropout(self.dropout, deterministic=not train)(x)
+                x = Dropout16(self.dropout)(x, deterministic=not train)
         return x

@@ -21,6 +21,9 @@ class TrainConfig:
     eval_batch_size: int = 16384
     max_epochs: int = 100
     patience: int = 2
+    # Early-stopping score on validation: "auc" or "auc-logloss" (FuxiCTR's default monitor,
+    # which stops earlier when the model grows over-confident).
+    monitor: str = "auc"
     embedding_l2: float = 0.0  # coefficient of sum(E**2) over embedding tables (FuxiCTR's embedding_regularizer)
     net_l2: float = 0.0  # coefficient of sum(W**2) over dense kernels (FuxiCTR's net_regularizer)
     grad_clip: float = 0.0  # global-norm clipping; 0 = off

@@ -20,7 +20,7 @@ import numpy as np
 
 from dpn_jax.data import batches, padded_batches
 from dpn_jax.data.schema import Dataset, Split, split_len
-from dpn_jax.errors import DpnError
+from dpn_jax.errors import ConfigError, DpnError
 from dpn_jax.train import batchnorm
 from dpn_jax.train.config import TrainConfig
 from dpn_jax.train.early_stopping import EarlyStopping
@@ -72,17 +72,31 @@ def evaluate(predict, params, batch_stats, split: Split, batch_size: int) -> dic
     return {"auc": auc(labels, logits), "logloss": logloss_from_logits(labels, logits)}
 
 
+MONITORS = {"auc": lambda m: m["auc"], "auc-logloss": lambda m: m["auc"] - m["logloss"]}
+
+
+def monitor_score(name: str, metrics: dict[str, float]) -> float:
+    if name not in MONITORS:
+        raise ConfigError(f"monitor={name!r} is not known; choose one of {sorted(MONITORS)}")
+    return MONITORS[name](metrics)
+
+
 def _first_rows(split: Split, n: int) -> dict:
     return {k: np.asarray(v[:n]) for k, v in split.items()}
 
 
 def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, *,
-        log: Callable[[str], None] | None = None, progress: bool | None = None) -> FitResult:
-    """Train ``model`` on ``data.train``, early-stop on ``data.valid`` AUC, report on ``data.test``."""
+        log: Callable[[str], None] | None = None, progress: bool | None = None,
+        on_epoch: Callable[[int, TrainState], dict | None] | None = None) -> FitResult:
+    """Train ``model`` on ``data.train``, early-stop on ``data.valid`` AUC, report on ``data.test``.
+
+    ``on_epoch(epoch, state)`` runs after each evaluation; a dict it returns is added to that
+    epoch's history row (learning curves, diagnostics)."""
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     n_train = split_len(data.train)
     if n_train == 0:
         raise DpnError(f"dataset {data.name!r}: the train split is empty")
+    monitor_score(cfg.monitor, {"auc": 0.0, "logloss": 0.0})  # fail before training, not after
     tx = make_optimizer(cfg)
     state: TrainState = init_state(model, _first_rows(data.train, min(n_train, 8)), cfg, tx)
     train_step = jax.jit(make_train_step(model, cfg, tx), donate_argnums=0)
@@ -135,11 +149,13 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, *,
             state = state.replace(batch_stats=batchnorm.recalibrate(
                 stats_of, state.params, state.batch_stats, calib, jax.random.PRNGKey(cfg.seed + epoch)))
         valid = evaluate(predict, state.params, state.batch_stats, data.valid, cfg.eval_batch_size)
-        improved = stopper.update(valid["auc"])
+        improved = stopper.update(monitor_score(cfg.monitor, valid))
         lr = get_lr(state)
         row = {"epoch": epoch, "train_loss": loss_sum / max(1, math.ceil(n_steps / 4)),
                "valid_auc": valid["auc"], "valid_logloss": valid["logloss"], "lr": lr,
                "epoch_seconds": epoch_seconds}
+        if on_epoch is not None:
+            row.update(on_epoch(epoch, state) or {})
         history.append(row)
         bar.end_epoch()
         log(f"epoch {epoch:3d}  loss {row['train_loss']:.4f}  valid auc {valid['auc']:.4f}  "
@@ -148,7 +164,7 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, *,
         if improved:
             best = (jax.device_get(state.params), jax.device_get(state.batch_stats), epoch, valid)
         elif stopper.should_stop:
-            log(f"early stop: no validation AUC gain for {cfg.patience} epochs; best epoch {best[2]}")
+            log(f"early stop: no validation {cfg.monitor} gain for {cfg.patience} epochs; best epoch {best[2]}")
             break
         elif cfg.reduce_lr_factor > 0:
             new_lr = max(cfg.min_lr, lr * cfg.reduce_lr_factor)
