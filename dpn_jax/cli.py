@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from dpn_jax.errors import DpnError
 
@@ -53,6 +54,9 @@ def _cmd_models(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from dpn_jax.train import xla_cache
+
+    xla_cache.enable(Path(args.cache_dir) / "xla" if getattr(args, "cache_dir", None) else None)
     try:
         return {"train": _cmd_train, "models": _cmd_models}[args.command](args)
     except DpnError as err:

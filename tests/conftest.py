@@ -32,6 +32,14 @@ def frappe_dir() -> Path:
     return d
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _xla_compilation_cache(tmp_path_factory):
+    # Identical programs compiled by different tests are compiled once per session.
+    from dpn_jax.train import xla_cache
+
+    xla_cache.enable(tmp_path_factory.getbasetemp() / "xla-cache")
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     # Tests never write to the user's ~/.cache.

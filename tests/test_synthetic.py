@@ -17,7 +17,7 @@ from dpn_jax.train.metrics import auc
 
 @pytest.fixture(scope="module")
 def default() -> Dataset:
-    return make_synthetic()
+    return make_synthetic(rows=200_000, vocab=100)
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:

@@ -47,7 +47,10 @@ def parse_value(text: str, default: Any, key: str) -> Any:
             return tuple(type(default[0])(p) if default else int(p) for p in parts)
         except ValueError:
             raise ConfigError(f"--set {key}={text}: expected a comma-separated list like 400,400,400") from None
-    value = yaml.safe_load(text)
+    try:  # YAML 1.1 reads "3e-4" as a string; numbers first
+        value = int(text) if text.strip().lstrip("+-").isdigit() else float(text)
+    except ValueError:
+        value = yaml.safe_load(text)
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ConfigError(f"--set {key}={text}: expected true or false")

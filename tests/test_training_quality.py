@@ -1,0 +1,37 @@
+"""End-to-end quality: the whole pipeline (encoding, training, BatchNorm, early stopping,
+evaluation) reaches known targets. These train for real: tens of seconds each."""
+
+from __future__ import annotations
+
+import pytest
+
+from dpn_jax.data import load_dataset
+from dpn_jax.data.synthetic import make_synthetic
+from dpn_jax.models import build_model
+from dpn_jax.train.config import TrainConfig
+from dpn_jax.train.loop import fit
+
+pytestmark = pytest.mark.slow
+
+
+def test_dnn_on_synthetic_gets_close_to_bayes_auc():
+    # Additive + pairwise structure only (learnable from 160k rows); measured: DNN 0.7357 test
+    # AUC against a Bayes-optimal 0.7465 (2026-11-27, seed 2021).
+    data = make_synthetic(seed=2021, rows=200_000, vocab=10, contextual=0.0)
+    bayes = data.meta["bayes_auc"]["test"]
+    model = build_model("dnn", data.schema, hidden=(128, 128))
+    res = fit(model, data, TrainConfig(batch_size=1024), log=lambda s: None, progress=False)
+    assert res.test["auc"] > bayes - 0.02, (res.test, bayes)
+    assert res.test["auc"] <= bayes + 0.01  # no model beats the true probabilities (up to noise)
+
+
+@pytest.mark.realdata
+def test_dnn_on_frappe_reaches_measured_auc(frappe_dir):
+    # Measured: 0.9362 / 0.9366 test AUC for seed 2021 under the plain protocol (Adam 1e-3,
+    # batch 4096, patience 2, no regularisation), best epoch 9.
+    data = load_dataset("frappe", data_dir=frappe_dir)
+    model = build_model("dnn", data.schema)
+    res = fit(model, data, TrainConfig(seed=2021), log=lambda s: None, progress=False)
+    assert res.test["auc"] > 0.930, res.test
+    assert res.valid["auc"] > 0.94
+    assert 3 <= res.best_epoch <= 15
