@@ -281,15 +281,39 @@ def test_mixture_is_the_numpy_weighted_sum_of_kernels():
     assert np.all(s.max(-1) < 0.999), "gate should actually mix"
 
 
-@pytest.mark.parametrize("name", FAMILIES)
-def test_gradients_match_finite_differences(name):
+def check_grads_naming_culprit(make_fn, params: dict, *args) -> None:
+    """``check_grads`` (order 1, reverse mode) of ``make_fn(keys)(params, *args)`` for all keys at
+    once -- one compile instead of one per case -- then, on failure, key by key to name it."""
+
+    def check(keys):
+        # jitted: every finite-difference evaluation hits the compile cache
+        check_grads(jax.jit(make_fn(keys)), ({k: params[k] for k in keys}, *args), order=1,
+                    modes=("rev",))
+
+    try:
+        check(tuple(params))
+    except AssertionError:
+        for key in params:
+            try:
+                check((key,))
+            except AssertionError as err:
+                raise AssertionError(f"wrong gradient in {key!r}: {err}") from err
+        raise
+
+
+def test_gradients_match_finite_differences():
     with jax.enable_x64(True):
-        gen = make(name, 4, 4, 3, rank=2, activation="tanh")  # tanh: FD is ill-posed at kinks
-        p = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), random_params(gen, 0, 0.3))
+        # tanh: finite differences are ill-posed at ReLU kinks
+        gens = {name: make(name, 4, 4, 3, rank=2, activation="tanh") for name in FAMILIES}
+        params = {name: jax.tree.map(lambda a: jnp.asarray(a, jnp.float64),
+                                     random_params(g, 0, 0.3)) for name, g in gens.items()}
         x, z = (jnp.asarray(a, jnp.float64) for a in inputs(3, 4, 3))
-        # jit: one compile, then every finite-difference evaluation hits the cache
-        f = jax.jit(lambda p, x, z: (gen.apply(p, x, z), gen.generate(p, z)))
-        check_grads(f, (p, x, z), order=1, modes=("rev",))
+
+        def make_fn(names):
+            return lambda ps, x, z: {n: (gens[n].apply(ps[n], x, z), gens[n].generate(ps[n], z))
+                                     for n in names}
+
+        check_grads_naming_culprit(make_fn, params, x, z)
 
 
 def test_fresh_lowrank_init_is_a_dense_layer_plus_a_small_dynamic_part():

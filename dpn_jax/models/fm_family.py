@@ -113,8 +113,9 @@ class NFM(nn.Module):
     Defaults: embedding 10 and MLP 400-400-400 with BatchNorm + ReLU, dropout 0 -- the protocol
     the DPN paper states for every model with a DNN (Sec. 3.1, following AFN/BARS).
     ``bi_batch_norm`` / ``bi_dropout`` (off by default, as in FuxiCTR/BARS) are the NFM paper's
-    BatchNorm and dropout on the Bi-Interaction output; the paper's own setting (one hidden
-    layer of the embedding size) is ``--set hidden=64 bi_batch_norm=true bi_dropout=0.5``.
+    BatchNorm and dropout on the Bi-Interaction output. The paper's own architecture (one
+    hidden layer, BN and dropout on the Bi-Interaction layer; its dropout ratio is tuned) is e.g.
+    ``--set hidden=64 bi_batch_norm=true bi_dropout=0.3``.
     """
 
     schema: Schema

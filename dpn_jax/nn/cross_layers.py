@@ -136,22 +136,27 @@ class CrossNetV2(nn.Module):
 
 
 class CINLayer(nn.Module):
-    """One CIN layer (Eqn. 6): ``(x0 [B, m, d], xk [B, H, d]) -> [B, features, d]``.
+    """One CIN layer (Eqn. 6) in the embedding-major layout the CIN works in:
+    ``(x0 [B, d, m], xk [B, d, H]) -> [B, d, features]`` (``X^k_{h,*}`` is ``out[:, :, h]``).
 
     ``kernel[i, j, h]`` is ``W^{k,h}_{ij}`` (Glorot with fan-in ``H * m``, like FuxiCTR's 1x1
-    ``Conv1d``); ``bias[h]`` is added to every dimension of feature map ``h``."""
+    ``Conv1d``); ``bias[h]`` is added to every dimension of feature map ``h``. With ``d``
+    leading, the outer product flattens straight into the rows of one 2-D matmul (no transposes,
+    which cost more than the matmul itself here)."""
 
     features: int
 
     @nn.compact
     def __call__(self, x0: jnp.ndarray, xk: jnp.ndarray) -> jnp.ndarray:
-        h_prev, m = xk.shape[-2], x0.shape[-2]
+        batch, d, m = x0.shape
+        h_prev = xk.shape[-1]
         kernel = self.param("kernel", glorot_normal(in_axis=(0, 1), out_axis=2),
                             (h_prev, m, self.features), x0.dtype)
         bias = self.param("bias", zeros, (self.features,), x0.dtype)
-        # Outer product along the field axes, then a weighted sum over (i, j): [B, H_k, d].
-        z = xk[:, :, None, :] * x0[:, None, :, :]            # [B, H_{k-1}, m, d]
-        return jnp.einsum("bijd,ijh->bhd", z, kernel) + bias[:, None]
+        z = xk[..., :, None] * x0[..., None, :]              # [B, d, H_{k-1}, m]: X^{k-1}_i ⊙ X^0_j
+        z = z.reshape(batch * d, h_prev * m)
+        out = z @ kernel.reshape(h_prev * m, self.features)  # Σ_i Σ_j W^{k,h}_{ij} (...)
+        return out.reshape(batch, d, self.features) + bias
 
 
 class CIN(nn.Module):
@@ -161,12 +166,13 @@ class CIN(nn.Module):
     layer_sizes: Sequence[int] = (200, 200, 200)
 
     @nn.compact
-    def __call__(self, x0: jnp.ndarray) -> jnp.ndarray:
+    def __call__(self, e: jnp.ndarray) -> jnp.ndarray:
         if not self.layer_sizes:
             raise ConfigError("cin_layer_sizes is empty: the CIN needs at least one layer, e.g. 200,200,200")
+        x0 = jnp.swapaxes(e, 1, 2)                           # [B, d, m]
         pooled, x = [], x0
         for k, size in enumerate(self.layer_sizes):
             _check_nonneg("cin_layer_sizes entry", size, 1)
             x = CINLayer(size, name=f"layer_{k}")(x0, x)
-            pooled.append(jnp.sum(x, axis=-1))
+            pooled.append(jnp.sum(x, axis=1))                 # p^k: [B, H_k]
         return jnp.concatenate(pooled, axis=-1)
