@@ -9,11 +9,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import dpn_jax.models.cross_family  # noqa: F401  (importing registers the models)
 from dpn_jax.data.schema import Dataset, Schema
 from dpn_jax.errors import ConfigError
 from dpn_jax.models import build_model
-from dpn_jax.models import cross_family  # noqa: F401  (registers the models)
-from dpn_jax.nn.cross_layers import CIN, CINLayer, CrossLayer, CrossLayerV2, CrossLayerV2Mix, CrossNet
+from dpn_jax.nn.cross_layers import (
+    CIN,
+    CINLayer,
+    CrossLayer,
+    CrossLayerV2,
+    CrossLayerV2Mix,
+    CrossNet,
+)
 from dpn_jax.train.config import TrainConfig
 from dpn_jax.train.loop import fit
 

@@ -37,7 +37,7 @@ def decompose(params: LowRankParams, x: Array, z: Array, *,
     m, _, n = params.kernel.shape
     chex.assert_axis_dimension(x, 1, m)
     h = hidden(params.hidden, z, resolve_activation(activation))  # [B, l]
-    static = x @ params.kernel[:, 1, :]
+    static = x @ params.kernel[:, 0, :]
     multiplicative = jnp.einsum("bm,mkn,bk->bn", x, params.kernel[:, 1:, :], h)
     if params.bias is None:
         bias = jnp.zeros((x.shape[0], n), static.dtype)

@@ -51,7 +51,7 @@ class CrossNetModel(nn.Module):
 class DCN(nn.Module):
     """Deep & Cross Network: CrossNet and a DNN in parallel, concatenated into one logit.
 
-    Wang et al., ADKDD 2017 (Eqn. 3 cross layers; Sec. 2.4 combination layer
+    Wang et al., ADKDD 2017 (Eqn. 3 cross layers; its combination layer
     ``Dense(1)([x_L, h_L])``). Defaults: embedding 10, ``num_layers=3`` cross layers and a DNN
     of 400-400-400 with BatchNorm and ReLU (BARS DCN_frappe_x1, the AFN/BARS protocol); dropout
     off like the ``dnn`` baseline (BARS's tuned run used 0.2: ``--set dropout=0.2``)."""

@@ -2,7 +2,8 @@
 rank or a mixture of low-rank experts) and xDeepFM's Compressed Interaction Network.
 
 Shapes: ``x0``, ``xl`` are ``[B, D]`` (the flattened field embeddings, ``D = F * d``) for the
-cross layers; the CIN works on the field embeddings ``[B, m, d]`` directly (``m`` fields).
+cross layers; the CIN takes the field embeddings ``[B, m, d]`` (``m`` fields) and works
+embedding-major (``[B, d, m]``) inside, so each layer is one 2-D matmul without transposes.
 
 Initialisation follows FuxiCTR/BARS (``BaseModel.init_weights``): Glorot-normal weights, zero
 biases, so a model here starts from the same distribution as its BARS baseline.
@@ -20,17 +21,16 @@ biases, so a model here starts from the same distribution as its BARS baseline.
       x_{l+1} = Σ_i G_i(x_l) E_i(x_l) + x_l
       E_i(x_l) = x0 ⊙ (U_l^i g(C_l^i g(V_l^i^T x_l)) + b_l)      U, V in R^{D x r}, C in R^{r x r}
 
-  with ``g = tanh`` and ``G = softmax(x_l^T [g_1 .. g_K])`` (the gating of the DCN-V2 reference
-  code as ported by DeepCTR/FuxiCTR's ``CrossNetMix``; here each layer has its own gate,
-  FuxiCTR shares one across layers).
+  with ``g = tanh`` and ``G = softmax(x_l^T [g_1 .. g_K])`` (the choices of DeepCTR/FuxiCTR's
+  ``CrossNetMix``; here each layer has its own gate, FuxiCTR shares one across layers).
 
 * CIN (Lian et al., KDD 2018), Eqns. 6-7::
 
       X^k_{h,*} = Σ_{i=1}^{H_{k-1}} Σ_{j=1}^{m} W^{k,h}_{ij} (X^{k-1}_{i,*} ⊙ X^0_{j,*})   (6)
       p^k_h = Σ_{e=1}^{d} X^k_{h,e},     p+ = [p^1, ..., p^T]                             (7)
 
-  plus a per-feature-map bias (the 1x1 ``Conv1d`` of FuxiCTR / the reference code) and no
-  activation (identity, the paper's choice). Every layer's maps go both to the output and to the
+  plus a per-feature-map bias (FuxiCTR's 1x1 ``Conv1d``) and no activation (Eqn. 6 has
+  none). Every layer's maps go both to the output and to the
   next layer (the paper's formulation; the reference code's ``split_half`` is not implemented).
 """
 
