@@ -41,6 +41,24 @@ def _xla_compilation_cache(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
+def _fast_compiles(request):
+    """Most tests run tiny programs once: XLA's optimisation passes cost far more than they save.
+    Tests marked ``slow`` (they train for many steps) or asking for ``optimized`` keep them."""
+    import jax
+
+    keep = request.node.get_closest_marker("slow") is not None or "optimized" in request.fixturenames
+    old = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", not keep)
+    yield
+    jax.config.update("jax_disable_most_optimizations", old)
+
+
+@pytest.fixture
+def optimized():
+    """Request this in a test whose run time (not compile time) matters."""
+
+
+@pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     # Tests never write to the user's ~/.cache.
     monkeypatch.setenv("DPN_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "dpn-cache"))

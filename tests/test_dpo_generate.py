@@ -22,14 +22,6 @@ FAMILIES = dpo.GENERATORS
 SETTINGS = settings(max_examples=6, deadline=None, derandomize=True,
                     suppress_health_check=list(HealthCheck))
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-    """These programs are tiny: XLA's optimisation passes cost far more than they save (compiles
-    dominate this file's time).  Restored afterwards so other test files are unaffected."""
-    old = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
 
 
 

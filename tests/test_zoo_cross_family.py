@@ -27,14 +27,6 @@ from dpn_jax.train.loop import fit
 MODELS = ("crossnet", "dcn", "dcnv2", "cin", "xdeepfm")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-    """XLA compiles dominate this file's time (the programs are tiny): skip its optimisation
-    passes here, and restore the setting so other test files are unaffected."""
-    old = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
 
 
 def normal(*shape: int, seed: int = 0) -> np.ndarray:

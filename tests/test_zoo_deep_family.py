@@ -153,7 +153,7 @@ def test_log_neurons_batchnorm_is_per_field_then_per_neuron():
     np.testing.assert_allclose(np.asarray(out), expect, rtol=1e-3, atol=1e-4)
 
 
-def test_afn_log_has_finite_gradients_at_zero_embeddings(tiny_synthetic):
+def test_afn_log_has_finite_gradients_at_zero_embeddings():
     # layer level: d/de of the log-neuron output at e == 0 is finite (zero: clipped region)
     layer = LogarithmicTransform(num_neurons=4, batch_norm=False)
     zeros = jnp.zeros((2, 3, 5))
@@ -369,6 +369,11 @@ def test_option_errors(tiny_synthetic):
     v = jax.eval_shape(build_model("apg", tiny_synthetic.schema, condition_fields=one, **SMALL["apg"]).init,
                        key, batch)
     assert v["params"]["apg_0"]["hypernet_0"]["kernel"].shape == (10, 12)
+    # self-wise condition: each layer's hyper-network reads that layer's input
+    v = jax.eval_shape(build_model("apg", tiny_synthetic.schema, condition_mode="self", **SMALL["apg"]).init,
+                       key, batch)
+    assert v["params"]["apg_0"]["hypernet_0"]["kernel"].shape == (40, 12)
+    assert v["params"]["apg_1"]["hypernet_0"]["kernel"].shape == (16, 12)
     assert isinstance(build_model("autoint", tiny_synthetic.schema), nn.Module)
 
 

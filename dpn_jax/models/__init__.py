@@ -1,6 +1,13 @@
 """CTR models, found by name: ``build_model(name, schema, **options)``."""
 
-from dpn_jax.models import cross_family, dnn, dpn, fm_family, linear  # noqa: F401  (registers the models)
+from dpn_jax.models import (  # noqa: F401  (importing registers the models)
+    cross_family,
+    deep_family,
+    dnn,
+    dpn,
+    fm_family,
+    linear,
+)
 from dpn_jax.models.registry import (
     available_models,
     build_model,

@@ -206,11 +206,13 @@ class FinalMLP(nn.Module):
     """Two MLP streams with feature-selection gates and multi-head bilinear fusion (FinalMLP).
 
     Mao et al., "FinalMLP: An Enhanced Two-Stream MLP Model for CTR Prediction", AAAI 2023.
-    Eqns. 1-2: ``h_s = 2 sigmoid(Gate_s(x_s)) (.) e`` per stream, ``x_s`` the embeddings of the
-    stream's context fields (``fs1_context`` / ``fs2_context``, comma-separated names), or a learnable vector when empty
-    (a global gate); Eqns. 3-5: ``y = sum_j b_j + w1_j^T o1_j + w2_j^T o2_j + o1_j^T W3_j o2_j``
-    over ``num_heads`` chunks of the stream outputs ``o1, o2``. Context fields reuse the shared
-    embeddings (FuxiCTR embeds them again in a separate table). ``use_fs=False`` is DualMLP.
+    Eqns. 1-2: ``h_s = 2 sigmoid(Gate_s(x_s)) (.) e`` per stream, where ``x_s`` is the
+    concatenated embeddings of the stream's context fields (``fs1_context`` / ``fs2_context``,
+    comma-separated names), or a learnable vector when empty (a constant input: the gate is then
+    a learned global one). Eqns. 3-5: ``y = sum_j b_j + w1_j^T o1_j + w2_j^T o2_j +
+    o1_j^T W3_j o2_j`` over ``num_heads`` chunks of the stream outputs ``o1, o2``. Context fields
+    reuse the shared embeddings (FuxiCTR embeds them again in a separate table).
+    ``use_fs=False`` gives DualMLP.
 
     Defaults: BARS's FinalMLP Frappe_x1 config (``FinalMLP_frappe_x1_tuner_config_16``):
     embedding 10, stream 1 MLP (400,), stream 2 MLP (100,), both with BatchNorm and dropout 0.4,
