@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -53,15 +51,12 @@ def test_auc_perfect_and_inverted() -> None:
     assert auc(y.reshape(2, 3), s.reshape(3, 2)) == 1.0  # any shape, flattened
 
 
-def test_auc_large_n_is_fast_and_exact() -> None:
+def test_auc_large_n_is_exact() -> None:
+    # Speed is measured by the benchmark harness, not asserted here (no timed unit tests).
     rng = np.random.default_rng(1)
     n = 1_000_000
     y, s = _labels(rng, n), rng.random(n).astype(np.float32)  # float32: many exact ties
-    auc(y[:1000], s[:1000])  # warm up
-    t0 = time.perf_counter()
     got = auc(y, s)
-    elapsed = time.perf_counter() - t0
-    assert elapsed < 1.0, f"auc on 1e6 rows took {elapsed:.2f}s"
     assert got == pytest.approx(roc_auc_score(y, s), abs=1e-12)
 
 

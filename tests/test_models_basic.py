@@ -120,7 +120,7 @@ def test_dnn_parameter_count_formula(tiny_synthetic: Dataset):
 def test_registry_errors():
     assert {"lr", "fm", "dnn"} <= set(available_models())
     with pytest.raises(ConfigError, match="did you mean 'dnn'"):
-        build_model("dnm", mixed_schema())
+        build_model("dnnn", mixed_schema())
     with pytest.raises(ConfigError, match="has no option 'width'.*hidden"):
         build_model("dnn", mixed_schema(), width=3)
     assert model_options("dnn")["hidden"] == (400, 400, 400)

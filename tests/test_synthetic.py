@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
@@ -68,18 +66,6 @@ def test_deterministic_by_seed() -> None:
     assert a.meta["bayes_auc"] == b.meta["bayes_auc"]
     assert not np.array_equal(a.train["cat"], c.train["cat"])
     assert not np.array_equal(a.meta["true_logit"]["test"], c.meta["true_logit"]["test"])
-
-
-def test_fast() -> None:
-    make_synthetic(rows=1000)  # warm up imports
-    best = min(_timed(make_synthetic) for _ in range(2))
-    assert best < 1.0, f"200k rows took {best:.2f}s"
-
-
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def test_bayes_auc_in_range_and_reproducible(default: Dataset) -> None:
