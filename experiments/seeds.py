@@ -34,7 +34,7 @@ def mean_std(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs):.4f}"
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, command: str | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True)
     p.add_argument("--data-dir", default=None)
@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
             "num_params": results[0]["num_params"],
             "train_samples_per_s": [r["train_samples_per_s"] for r in results],
         })
-    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
+    command = command or "python " + " ".join(
+        shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     lines = [f"# {args.data}: test AUC / logloss over seeds {args.seeds}", "",
              f"Command: `{command}`", "",
              f"Versions: {json.dumps(versions())}", "",
