@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import jax
 import pytest
+from jax.test_util import check_grads
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,3 +64,23 @@ def optimized():
 def _isolated_cache(tmp_path_factory, monkeypatch):
     # Tests never write to the user's ~/.cache.
     monkeypatch.setenv("DPN_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "dpn-cache"))
+
+
+def check_grads_naming_culprit(make_fn, params: dict, *args) -> None:
+    """``check_grads`` (order 1, reverse mode) of ``make_fn(keys)(params, *args)`` for all keys at
+    once -- one compile instead of one per case -- then, on failure, key by key to name it."""
+
+    def check(keys):
+        # jitted: every finite-difference evaluation hits the compile cache
+        check_grads(jax.jit(make_fn(keys)), ({k: params[k] for k in keys}, *args), order=1,
+                    modes=("rev",))
+
+    try:
+        check(tuple(params))
+    except AssertionError:
+        for key in params:
+            try:
+                check((key,))
+            except AssertionError as err:
+                raise AssertionError(f"wrong gradient in {key!r}: {err}") from err
+        raise

@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import check_grads_naming_culprit
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from jax.test_util import check_grads
 
 from dpn_jax import dpo
 from dpn_jax.errors import ConfigError
@@ -217,26 +217,6 @@ def test_field_gradients_match_finite_differences():
             return fn
 
         check_grads_naming_culprit(make_fn, params, att, x, z)
-
-
-def check_grads_naming_culprit(make_fn, params: dict, *args) -> None:
-    """``check_grads`` (order 1, reverse mode) of ``make_fn(keys)(params, *args)`` for all keys at
-    once -- one compile instead of one per case -- then, on failure, key by key to name it."""
-
-    def check(keys):
-        # jitted: every finite-difference evaluation hits the compile cache
-        check_grads(jax.jit(make_fn(keys)), ({k: params[k] for k in keys}, *args), order=1,
-                    modes=("rev",))
-
-    try:
-        check(tuple(params))
-    except AssertionError:
-        for key in params:
-            try:
-                check((key,))
-            except AssertionError as err:
-                raise AssertionError(f"wrong gradient in {key!r}: {err}") from err
-        raise
 
 
 def test_unknown_aggregation_and_missing_scores_raise_config_error():

@@ -11,9 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import check_grads_naming_culprit
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from jax.test_util import check_grads
 
 from dpn_jax import dpo
 from dpn_jax.errors import ConfigError
@@ -271,26 +271,6 @@ def test_mixture_is_the_numpy_weighted_sum_of_kernels():
         for b in range(6)])
     np.testing.assert_allclose(gen.apply(p, x, z), expected, rtol=1e-5, atol=1e-5)
     assert np.all(s.max(-1) < 0.999), "gate should actually mix"
-
-
-def check_grads_naming_culprit(make_fn, params: dict, *args) -> None:
-    """``check_grads`` (order 1, reverse mode) of ``make_fn(keys)(params, *args)`` for all keys at
-    once -- one compile instead of one per case -- then, on failure, key by key to name it."""
-
-    def check(keys):
-        # jitted: every finite-difference evaluation hits the compile cache
-        check_grads(jax.jit(make_fn(keys)), ({k: params[k] for k in keys}, *args), order=1,
-                    modes=("rev",))
-
-    try:
-        check(tuple(params))
-    except AssertionError:
-        for key in params:
-            try:
-                check((key,))
-            except AssertionError as err:
-                raise AssertionError(f"wrong gradient in {key!r}: {err}") from err
-        raise
 
 
 def test_gradients_match_finite_differences():

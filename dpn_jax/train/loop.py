@@ -125,6 +125,7 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, *,
                 epoch_compile += time.perf_counter() - c0
                 epoch_untimed += rows
                 seen_shapes.add(rows)
+                bar.restart_clock(n_steps + 1)
             else:
                 state, loss = train_step(state, batch)
             n_steps += 1

@@ -16,6 +16,7 @@ class EpochProgress:
         self._progress = None
         self._task = None
         self._t0 = 0.0
+        self._steps0 = 0
         if self.enabled:
             self._progress = Progress(
                 TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
@@ -24,18 +25,24 @@ class EpochProgress:
             self._progress.start()
 
     def start_epoch(self, epoch: int) -> None:
-        self._t0 = time.perf_counter()
+        self._t0, self._steps0 = time.perf_counter(), 0
         if self._progress is not None:
             if self._task is not None:
                 self._progress.remove_task(self._task)
             self._task = self._progress.add_task("train", total=self.steps, epoch=epoch,
                                                  rate="-", loss="-")
 
+    def restart_clock(self, steps_done: int) -> None:
+        """Exclude what ran so far (compilation) from the samples/s shown."""
+        self._t0, self._steps0 = time.perf_counter(), steps_done
+
     def update(self, step: int, loss: float) -> None:
         if self._progress is None:
             return
-        rate = step * self.batch_size / max(time.perf_counter() - self._t0, 1e-9)
-        self._progress.update(self._task, completed=step, rate=f"{rate:,.0f}", loss=f"{loss:.4f}")
+        elapsed = max(time.perf_counter() - self._t0, 1e-9)
+        timed = step - self._steps0
+        rate = f"{timed * self.batch_size / elapsed:,.0f}" if timed > 0 else "-"
+        self._progress.update(self._task, completed=step, rate=rate, loss=f"{loss:.4f}")
 
     def end_epoch(self) -> None:
         if self._progress is not None and self._task is not None:
