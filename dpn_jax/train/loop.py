@@ -111,68 +111,70 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, *,
     train_seconds = compile_seconds = 0.0
     timed_samples = 0
     seen_shapes: set[int] = set()
-    for epoch in range(1, cfg.max_epochs + 1):
-        bar.start_epoch(epoch)
-        t0 = time.perf_counter()
-        epoch_compile, epoch_untimed, loss_sum, n_steps = 0.0, 0, 0.0, 0
-        for batch in batches(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch):
-            rows = int(batch["label"].shape[0])
-            if rows not in seen_shapes:  # first call of a shape compiles: time it apart
-                jax.block_until_ready(state)
-                c0 = time.perf_counter()
-                state, loss = train_step(state, batch)
-                jax.block_until_ready(loss)
-                epoch_compile += time.perf_counter() - c0
-                epoch_untimed += rows
-                seen_shapes.add(rows)
-                bar.restart_clock(n_steps + 1)
-            else:
-                state, loss = train_step(state, batch)
-            n_steps += 1
-            if n_steps % 4 == 0 or n_steps == steps_per_epoch:
-                loss_value = float(loss)
-                if not math.isfinite(loss_value):
-                    raise NonFiniteLoss(
-                        f"non-finite training loss {loss_value} at epoch {epoch}, step {int(state.step)}: "
-                        f"lower the learning rate (--set lr=...) or set --set grad_clip=10")
-                loss_sum += loss_value
-                bar.update(n_steps, loss_value)
-        jax.block_until_ready(state)
-        epoch_seconds = time.perf_counter() - t0
-        train_seconds += epoch_seconds - epoch_compile
-        compile_seconds += epoch_compile
-        timed_samples += n_train - epoch_untimed
+    try:
+        for epoch in range(1, cfg.max_epochs + 1):
+            bar.start_epoch(epoch)
+            t0 = time.perf_counter()
+            epoch_compile, epoch_untimed, loss_sum, n_steps = 0.0, 0, 0.0, 0
+            for batch in batches(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch):
+                rows = int(batch["label"].shape[0])
+                if rows not in seen_shapes:  # first call of a shape compiles: time it apart
+                    jax.block_until_ready(state)
+                    c0 = time.perf_counter()
+                    state, loss = train_step(state, batch)
+                    jax.block_until_ready(loss)
+                    epoch_compile += time.perf_counter() - c0
+                    epoch_untimed += rows
+                    seen_shapes.add(rows)
+                    bar.restart_clock(n_steps + 1)
+                else:
+                    state, loss = train_step(state, batch)
+                n_steps += 1
+                if n_steps % 4 == 0 or n_steps == steps_per_epoch:
+                    loss_value = float(loss)
+                    if not math.isfinite(loss_value):
+                        raise NonFiniteLoss(
+                            f"non-finite training loss {loss_value} at epoch {epoch}, step {int(state.step)}: "
+                            f"lower the learning rate (--set lr=...) or set --set grad_clip=10")
+                    loss_sum += loss_value
+                    bar.update(n_steps, loss_value)
+            jax.block_until_ready(state)
+            epoch_seconds = time.perf_counter() - t0
+            train_seconds += epoch_seconds - epoch_compile
+            compile_seconds += epoch_compile
+            timed_samples += n_train - epoch_untimed
 
-        if stats_of is not None and cfg.bn_recalibrate:
-            calib = batches(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed + 7919,
-                            epoch=epoch, drop_last=n_train >= cfg.batch_size)
-            calib = (b for i, b in zip(range(cfg.bn_recalibrate_batches), calib))
-            state = state.replace(batch_stats=batchnorm.recalibrate(
-                stats_of, state.params, state.batch_stats, calib, jax.random.PRNGKey(cfg.seed + epoch)))
-        valid = evaluate(predict, state.params, state.batch_stats, data.valid, cfg.eval_batch_size)
-        improved = stopper.update(monitor_score(cfg.monitor, valid))
-        lr = get_lr(state)
-        row = {"epoch": epoch, "train_loss": loss_sum / max(1, math.ceil(n_steps / 4)),
-               "valid_auc": valid["auc"], "valid_logloss": valid["logloss"], "lr": lr,
-               "epoch_seconds": epoch_seconds}
-        if on_epoch is not None:
-            row.update(on_epoch(epoch, state) or {})
-        history.append(row)
-        bar.end_epoch()
-        log(f"epoch {epoch:3d}  loss {row['train_loss']:.4f}  valid auc {valid['auc']:.4f}  "
-            f"logloss {valid['logloss']:.4f}  lr {lr:.1e}  {epoch_seconds:.1f}s"
-            + ("  *best" if improved else ""))
-        if improved:
-            best = (jax.device_get(state.params), jax.device_get(state.batch_stats), epoch, valid)
-        elif stopper.should_stop:
-            log(f"early stop: no validation {cfg.monitor} gain for {cfg.patience} epochs; best epoch {best[2]}")
-            break
-        elif cfg.reduce_lr_factor > 0:
-            new_lr = max(cfg.min_lr, lr * cfg.reduce_lr_factor)
-            if new_lr < lr:
-                state = set_lr(state, new_lr)
-                log(f"reduce lr to {new_lr:.1e}")
-    bar.close()
+            if stats_of is not None and cfg.bn_recalibrate:
+                calib = batches(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed + 7919,
+                                epoch=epoch, drop_last=n_train >= cfg.batch_size)
+                calib = (b for i, b in zip(range(cfg.bn_recalibrate_batches), calib))
+                state = state.replace(batch_stats=batchnorm.recalibrate(
+                    stats_of, state.params, state.batch_stats, calib, jax.random.PRNGKey(cfg.seed + epoch)))
+            valid = evaluate(predict, state.params, state.batch_stats, data.valid, cfg.eval_batch_size)
+            improved = stopper.update(monitor_score(cfg.monitor, valid))
+            lr = get_lr(state)
+            row = {"epoch": epoch, "train_loss": loss_sum / max(1, math.ceil(n_steps / 4)),
+                   "valid_auc": valid["auc"], "valid_logloss": valid["logloss"], "lr": lr,
+                   "epoch_seconds": epoch_seconds}
+            if on_epoch is not None:
+                row.update(on_epoch(epoch, state) or {})
+            history.append(row)
+            bar.end_epoch()
+            log(f"epoch {epoch:3d}  loss {row['train_loss']:.4f}  valid auc {valid['auc']:.4f}  "
+                f"logloss {valid['logloss']:.4f}  lr {lr:.1e}  {epoch_seconds:.1f}s"
+                + ("  *best" if improved else ""))
+            if improved:
+                best = (jax.device_get(state.params), jax.device_get(state.batch_stats), epoch, valid)
+            elif stopper.should_stop:
+                log(f"early stop: no validation {cfg.monitor} gain for {cfg.patience} epochs; best epoch {best[2]}")
+                break
+            elif cfg.reduce_lr_factor > 0:
+                new_lr = max(cfg.min_lr, lr * cfg.reduce_lr_factor)
+                if new_lr < lr:
+                    state = set_lr(state, new_lr)
+                    log(f"reduce lr to {new_lr:.1e}")
+    finally:
+        bar.close()  # also on errors: rich leaves the cursor hidden otherwise
     params, batch_stats, best_epoch, best_valid = best
     test = evaluate(predict, params, batch_stats, data.test, cfg.eval_batch_size)
     return FitResult(
