@@ -122,3 +122,17 @@ def test_dpn_models_train(name):
     model = build_model(name, data.schema, **({"hidden": (64, 64)} if name != "dpn_field" else {}))
     res = fit(model, data, TrainConfig(batch_size=512, max_epochs=3), log=lambda s: None, progress=False)
     assert res.test["auc"] > 0.6, res.test
+
+
+@pytest.mark.slow
+def test_field_dpo_learns_pairwise_interactions_beyond_lr():
+    """The summation field DPO carries cross-field (second-order) terms: on data whose only
+    non-additive structure is pairwise it must beat logistic regression clearly. Measured
+    (2026-11-28): dpn_field(sum) 0.7238, lr 0.6663, Bayes 0.7529; with the former defaults (ReLU
+    generator, embeddings at 1e-4, dynamic scale 0.25) dpn_field stayed at 0.6662 = LR."""
+    data = make_synthetic(seed=2021, rows=50_000, vocab=10, contextual=0.0)
+    cfg = TrainConfig(batch_size=1024)
+    lr = fit(build_model("lr", data.schema), data, cfg, log=lambda s: None, progress=False)
+    field = fit(build_model("dpn_field", data.schema, aggregation="sum"), data, cfg,
+                log=lambda s: None, progress=False)
+    assert field.test["auc"] > lr.test["auc"] + 0.03, (field.test, lr.test)

@@ -109,6 +109,8 @@ class _FieldInteraction(nn.Module):
     rank: int
     features: int | None
     layers: int
+    hidden_activation: str = "relu"
+    dynamic_scale: float = 0.25
 
     @nn.compact
     def __call__(self, e: jnp.ndarray) -> jnp.ndarray:
@@ -116,7 +118,8 @@ class _FieldInteraction(nn.Module):
         for i in range(self.layers):
             # z = the original embeddings at every layer: each field keeps its own context.
             x = FieldDPO(self.aggregation, self.generator, self.rank, self.features,
-                         name=f"field_dpo_{i}")(x, e)
+                         hidden_activation=self.hidden_activation,
+                         dynamic_scale=self.dynamic_scale, name=f"field_dpo_{i}")(x, e)
         return x.reshape(x.shape[0], -1)
 
 
@@ -127,7 +130,13 @@ class DPNField(nn.Module):
     Paper §2.3 (NOTES §4), Table 1's single-module form: ``aggregation`` self (default:
     y_i = g(x_i) x_i, avoids over-coupling unrelated fields) | sum | attentive | concat;
     low-rank generator (rank 4) shared by the fields; ``layers`` stacked field DPOs, each with
-    the original embeddings as context; a linear term as in FM-style models."""
+    the original embeddings as context; a linear term as in FM-style models.
+
+    Defaults that differ from the feature DPO, measured on ``synthetic`` (sum aggregation): with
+    a ReLU generator hidden layer, embeddings initialised at 1e-4 and dynamic scale 0.25, the
+    multiplicative path never leaves its flat start (test AUC 0.657 = logistic regression);
+    an identity hidden layer, embedding init std 0.1 and dynamic scale 1.0 reach 0.703 (FM:
+    0.699). Both changes were needed; either alone stayed at 0.657."""
 
     schema: Schema
     embedding_dim: int = 10
@@ -136,14 +145,19 @@ class DPNField(nn.Module):
     rank: int = 4
     features: int = 0  # 0: keep the embedding size
     layers: int = 1
+    hidden_activation: str = "identity"
+    dynamic_scale: float = 1.0
+    embedding_init_std: float = 0.1
 
     @nn.compact
     def __call__(self, batch, train: bool = False) -> jnp.ndarray:
         from dpn_jax.models.linear import LinearTerm
 
-        e = FieldEmbedding(self.schema, dim=self.embedding_dim, name="embedding")(batch)
+        e = FieldEmbedding(self.schema, dim=self.embedding_dim, init_std=self.embedding_init_std,
+                           name="embedding")(batch)
         y = _FieldInteraction(self.aggregation, self.generator, self.rank, self.features or None,
-                              self.layers, name="interaction")(e)
+                              self.layers, self.hidden_activation, self.dynamic_scale,
+                              name="interaction")(e)
         return LinearTerm(self.schema, name="linear")(batch) + nn.Dense(1, name="out")(y)[:, 0]
 
 
