@@ -61,14 +61,17 @@ class FeatureDPO(nn.Module):
     dynamic_scale: float = dpo.DEFAULT_DYNAMIC_SCALE
     param_dtype: Any = jnp.float32
 
+    def _generator(self, in_features: int, context_features: int) -> dpo.WeightGenerator:
+        return dpo.make_generator(
+            self.generator, in_features, self.features, context_features, rank=self.rank,
+            heads=self.heads, num_kernels=self.num_kernels, activation=self.hidden_activation,
+            use_bias=self.use_bias, dynamic_scale=self.dynamic_scale, dtype=self.param_dtype)
+
     @nn.compact
     def __call__(self, x: Array, z: Array) -> Array:
         if x.ndim != 2 or z.ndim != 2:
             raise ValueError(f"FeatureDPO expects x [B,m] and z [B,c], got {x.shape}, {z.shape}")
-        gen = dpo.make_generator(
-            self.generator, x.shape[-1], self.features, z.shape[-1], rank=self.rank,
-            heads=self.heads, num_kernels=self.num_kernels, activation=self.hidden_activation,
-            use_bias=self.use_bias, dynamic_scale=self.dynamic_scale, dtype=self.param_dtype)
+        gen = self._generator(x.shape[-1], z.shape[-1])
         params = _declare(self, gen.init)
         return gen.apply(params, x, z)
 
