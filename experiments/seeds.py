@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None, command: str | None = None) -> int:
     p.add_argument("--seeds", default="2021,2022,2023")
     p.add_argument("--run", action="append", required=True, help='"MODEL key=value ..."')
     p.add_argument("--out", required=True, help="output stem: <out>.md, <out>.json, <out>/runs/")
+    p.add_argument("--protocol", action="append", default=[], metavar="KEY=VALUE",
+                   help="a training option applied to every run (stated once in the table header)")
     args = p.parse_args(argv)
     xla_cache.enable()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -49,9 +51,10 @@ def main(argv: list[str] | None = None, command: str | None = None) -> int:
     rows = []
     for run in args.run:
         model, *sets = run.split()
+        sets = [*args.protocol, *sets]
         results = []
         for seed in seeds:
-            path = out / "runs" / f"{slug(run)}-{seed}.json"
+            path = out / "runs" / f"{slug(' '.join([model, *sets]))}-{seed}.json"
             if path.exists():
                 results.append(json.loads(path.read_text()))
                 continue
@@ -75,6 +78,7 @@ def main(argv: list[str] | None = None, command: str | None = None) -> int:
         shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     lines = [f"# {args.data}: test AUC / logloss over seeds {args.seeds}", "",
              f"Command: `{command}`", "",
+             *([f"Protocol for every run: `{' '.join(args.protocol)}`", ""] if args.protocol else []),
              f"Versions: {json.dumps(versions())}", "",
              "| run | test AUC | test logloss | best epoch | params | train samples/s |",
              "|---|---|---|---|---|---|"]
@@ -86,7 +90,7 @@ def main(argv: list[str] | None = None, command: str | None = None) -> int:
               "(compilation excluded), on the machine named in the versions line; compare "
               "throughput only between rows of one table."]
     Path(f"{out}.md").write_text("\n".join(lines) + "\n")
-    Path(f"{out}.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
+    Path(f"{out}.json").write_text(json.dumps({"command": command, "protocol": args.protocol, "rows": rows}, indent=1))
     print("\n".join(lines))
     return 0
 
