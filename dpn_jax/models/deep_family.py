@@ -18,7 +18,7 @@ from dpn_jax.errors import ConfigError
 from dpn_jax.models.registry import register
 from dpn_jax.nn.afn_layers import DEFAULT_EPS, LogarithmicTransform
 from dpn_jax.nn.attention_layers import APGDense, BilinearFusion, FeatureGate, InteractingLayer
-from dpn_jax.nn.dropout import Dropout16
+from dpn_jax.nn.dropout import Dropout16, dropout_active
 from dpn_jax.nn.embedding import FieldEmbedding, embedded_field_names
 from dpn_jax.nn.mlp import MLP, activation
 
@@ -318,6 +318,6 @@ class APG(nn.Module):
                 x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
                                  name=f"bn_{i}")(x)
             x = f(x)
-            if self.dropout > 0:
+            if dropout_active(self.dropout):
                 x = Dropout16(self.dropout)(x, deterministic=not train)
         return nn.Dense(1, name="out")(x)[:, 0]

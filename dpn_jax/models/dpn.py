@@ -12,7 +12,7 @@ from dpn_jax.errors import ConfigError
 from dpn_jax.models.registry import register
 from dpn_jax.nn.dpo_context import FieldContextDPO
 from dpn_jax.nn.dpo_layers import FeatureDPO, FieldDPO
-from dpn_jax.nn.dropout import Dropout16
+from dpn_jax.nn.dropout import Dropout16, dropout_active
 from dpn_jax.nn.embedding import FieldEmbedding, embedded_field_names
 from dpn_jax.nn.mlp import MLP, activation
 
@@ -96,7 +96,7 @@ class DPN(nn.Module):
                 h = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
                                  name=f"bn_{i}")(h)
             h = f(h)
-            if self.dropout > 0:
+            if dropout_active(self.dropout):
                 h = Dropout16(self.dropout)(h, deterministic=not train)
         return nn.Dense(1, name="out")(h)[:, 0]
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from dpn_jax.nn.dropout import Dropout16
+from dpn_jax.nn.dropout import Dropout16, dropout_active
 
 ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu, "tanh": jnp.tanh, "sigmoid": nn.sigmoid,
                "silu": nn.silu, "linear": lambda x: x}
@@ -42,6 +42,6 @@ class MLP(nn.Module):
             if self.batch_norm:
                 x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum)(x)
             x = f(x)
-            if self.dropout > 0:
+            if dropout_active(self.dropout):
                 x = Dropout16(self.dropout)(x, deterministic=not train)
         return x

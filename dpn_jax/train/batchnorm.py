@@ -19,10 +19,9 @@ import jax
 import jax.numpy as jnp
 
 
-def make_batch_stats_fn(model: nn.Module):
-    """Jitted ``(params, stats_in, batch, rng) -> stats_out`` of one train-mode forward pass."""
+def batch_stats_fn(model: nn.Module):
+    """Pure ``(params, stats_in, batch, rng) -> stats_out`` of one train-mode forward pass."""
 
-    @jax.jit
     def stats_of(params, stats_in, batch, rng):
         _, upd = model.apply({"params": params, "batch_stats": stats_in}, batch, train=True,
                              rngs={"dropout": rng}, mutable=["batch_stats"])
@@ -31,15 +30,23 @@ def make_batch_stats_fn(model: nn.Module):
     return stats_of
 
 
-def recalibrate(stats_of, params, batch_stats, batches: Iterable[dict], rng: jax.Array):
-    """Average per-batch BatchNorm statistics over ``batches``; returns new ``batch_stats``."""
+def make_batch_stats_fn(model: nn.Module):
+    """``batch_stats_fn`` jitted."""
+    return jax.jit(batch_stats_fn(model))
+
+
+def recalibrate(stats_of, params, batch_stats, batches: Iterable[dict], rng: jax.Array,
+                fold_in=jax.random.fold_in):
+    """Average per-batch BatchNorm statistics over ``batches``; returns new ``batch_stats``.
+
+    Sweeps pass stacked replicas with a vmapped ``stats_of`` and ``fold_in``."""
     if not batch_stats:
         return batch_stats
     zeros = jax.tree_util.tree_map(jnp.zeros_like, batch_stats)
     ones = jax.tree_util.tree_map(jnp.ones_like, batch_stats)
     total, n, keep = None, 0, None
     for i, batch in enumerate(batches):
-        key = jax.random.fold_in(rng, i)
+        key = fold_in(rng, i)
         a = stats_of(params, zeros, batch, key)
         if keep is None:  # 1 - m per statistic, from one extra pass
             b = stats_of(params, ones, batch, key)

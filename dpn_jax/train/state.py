@@ -24,10 +24,18 @@ class TrainState(struct.PyTreeNode):
     rng: jnp.ndarray  # dropout key; folded with the step so each step differs
 
 
-def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+def make_optimizer(cfg: TrainConfig, *, clip_as_data: bool = False) -> optax.GradientTransformation:
     """Adam with the learning rate as data (``inject_hyperparams``) so reduce-on-plateau and
-    sweeps change it without recompiling."""
+    sweeps change it without recompiling.
+
+    ``clip_as_data`` (sweeps): always chain a clip whose threshold is data too, ``inf`` when
+    ``cfg.grad_clip`` is 0, so replicas with and without clipping share one program; below the
+    threshold the clip returns the gradient unchanged, so the updates equal the unclipped ones."""
     adam = optax.inject_hyperparams(optax.adam)(learning_rate=cfg.lr)
+    if clip_as_data:
+        clip = optax.inject_hyperparams(optax.clip_by_global_norm)(
+            max_norm=cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        return optax.chain(clip, adam)
     if cfg.grad_clip > 0:
         return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adam)
     return adam
@@ -81,10 +89,24 @@ def bce_with_logits(logits: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
     return optax.sigmoid_binary_cross_entropy(logits, labels)
 
 
-def make_train_step(model: nn.Module, cfg: TrainConfig, tx: optax.GradientTransformation
-                    ) -> Callable[[TrainState, dict], tuple[TrainState, jnp.ndarray]]:
-    """Pure ``(state, batch) -> (state, loss)``; jit it with ``donate_argnums=0``."""
-    def loss_fn(params, batch_stats, batch, rng):
+REGULARIZERS = {"embedding_l2": EMBEDDING_PARAMS, "net_l2": ("kernel",)}
+
+
+def regularizer_coefficients(cfg: TrainConfig) -> dict[str, float]:
+    """The L2 terms ``cfg`` switches on, as ``{name: coefficient}``."""
+    return {k: getattr(cfg, k) for k in REGULARIZERS if getattr(cfg, k) > 0}
+
+
+def make_train_step(model: nn.Module, cfg: TrainConfig, tx: optax.GradientTransformation, *,
+                    regularizers_as_data: bool = False) -> Callable[..., tuple[TrainState, jnp.ndarray]]:
+    """Pure ``(state, batch) -> (state, loss)``; jit it with ``donate_argnums=0``.
+
+    With ``regularizers_as_data`` (sweeps) the step is ``(state, batch, coefs) -> ...`` where
+    ``coefs`` maps ``embedding_l2``/``net_l2`` to arrays, so replicas with different L2 share one
+    program (a zero coefficient adds exactly zero to the loss and its gradient)."""
+    static_coefs = regularizer_coefficients(cfg)
+
+    def loss_fn(params, batch_stats, batch, rng, coefs):
         if batch_stats:
             logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, batch,
                                           train=True, rngs={"dropout": rng}, mutable=["batch_stats"])
@@ -93,20 +115,24 @@ def make_train_step(model: nn.Module, cfg: TrainConfig, tx: optax.GradientTransf
                                           rngs={"dropout": rng}), {}
         data_loss = jnp.mean(bce_with_logits(logits, batch["label"]))
         loss = data_loss
-        if cfg.embedding_l2 > 0:
-            loss = loss + cfg.embedding_l2 * _l2(params, EMBEDDING_PARAMS)
-        if cfg.net_l2 > 0:
-            loss = loss + cfg.net_l2 * _l2(params, ("kernel",))
+        for name, coef in coefs.items():
+            loss = loss + coef * _l2(params, REGULARIZERS[name])
         return loss, (data_loss, updates.get("batch_stats", batch_stats))
 
-    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, jnp.ndarray]:
+    def step(state: TrainState, batch: dict, coefs) -> tuple[TrainState, jnp.ndarray]:
         rng = jax.random.fold_in(state.rng, state.step)
         (_, (data_loss, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, state.batch_stats, batch, rng)
+            state.params, state.batch_stats, batch, rng, coefs)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         return state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
                              opt_state=opt_state), data_loss
+
+    if regularizers_as_data:
+        return step
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, jnp.ndarray]:
+        return step(state, batch, static_coefs)
 
     return train_step
 

@@ -1,0 +1,202 @@
+"""``run_sweep``: the function behind ``dpn-jax sweep`` — seeds × a hyper-parameter grid.
+
+Configurations are the product of the ``--grid`` values; each is trained once per seed. Replicas
+whose options differ only in data (``dpn_jax.train.sweep.SWEEPABLE`` and the model's ``dropout``)
+share one compiled program; other options (rank, width, batch size, ...) split the sweep into
+one program per distinct value, automatically. Finished programs are saved under
+``out/groups/`` so an interrupted sweep resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from dpn_jax.data import load_dataset
+from dpn_jax.errors import ConfigError
+from dpn_jax.models import build_model, model_options
+from dpn_jax.runner import _jsonable, versions
+from dpn_jax.train.config import TrainConfig, split_overrides
+from dpn_jax.train.sweep import fit_sweep, static_key
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``2021-2025`` or ``2021,2023`` (or a mix: ``1,5-7``) -> sorted unique seeds."""
+    seeds: set[int] = set()
+    try:
+        for part in (p.strip() for p in str(text).split(",") if p.strip()):
+            if "-" in part:
+                lo, hi = part.split("-", 1)
+                lo_i, hi_i = int(lo), int(hi)
+                if hi_i < lo_i:
+                    raise ValueError
+                seeds.update(range(lo_i, hi_i + 1))
+            else:
+                seeds.add(int(part))
+    except ValueError:
+        raise ConfigError(f"--seeds {text}: expected a range like 2021-2025 or a list like 2021,2022") from None
+    if not seeds:
+        raise ConfigError("--seeds: no seeds given")
+    return sorted(seeds)
+
+
+def parse_grid(items: Sequence[str]) -> dict[str, list[str]]:
+    """``["lr=1e-3,3e-4", "dropout=0,0.2"]`` -> ``{"lr": ["1e-3", "3e-4"], ...}`` (order kept)."""
+    grid: dict[str, list[str]] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--grid {item!r}: expected key=v1,v2,..., e.g. --grid lr=1e-3,3e-4")
+        key, values = (s.strip() for s in item.split("=", 1))
+        vals = [v.strip() for v in values.split(",") if v.strip()]
+        if not vals:
+            raise ConfigError(f"--grid {key}: no values given")
+        if key in grid:
+            raise ConfigError(f"--grid {key} is given twice; list all its values in one --grid")
+        if key == "seed":
+            raise ConfigError("--grid seed: use --seeds 2021-2025 for seeds")
+        grid[key] = vals
+    return grid
+
+
+@dataclasses.dataclass
+class Configuration:
+    label: str  # "lr=1e-3 dropout=0.2" (grid values only; "defaults" without a grid)
+    train_kw: dict[str, Any]
+    model_kw: dict[str, Any]
+
+
+def configurations(model: str, grid: dict[str, list[str]], sets: Sequence[str]) -> list[Configuration]:
+    opts = model_options(model)
+    out = []
+    for values in itertools.product(*grid.values()):
+        pairs = [f"{k}={v}" for k, v in zip(grid, values)]
+        train_kw, model_kw = split_overrides([*sets, *pairs], opts, model)  # typed + validated
+        out.append(Configuration(" ".join(pairs) or "defaults", train_kw, model_kw))
+    return out
+
+
+def _group_key(model: str, conf: Configuration, swept_dropout: bool) -> str:
+    model_kw = {k: v for k, v in conf.model_kw.items() if not (swept_dropout and k == "dropout")}
+    cfg = TrainConfig(**conf.train_kw)
+    text = json.dumps([model, sorted(model_kw.items()), static_key(cfg)], default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def mean_std(xs: list[float]) -> str:
+    xs = [x for x in xs if x == x]
+    if not xs:
+        return "-"
+    return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.4f}"
+
+
+def run_sweep(model: str, data: str, *, seeds: Sequence[int], grid: dict[str, list[str]] | None = None,
+              sets: Sequence[str] = (), out: str | Path | None = None, data_dir: str | None = None,
+              cache_dir: str | None = None, progress: bool | None = None,
+              max_replicas: int | None = None, command: str | None = None,
+              log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Train every (configuration, seed) replica; returns the summary (also ``out/sweep.{md,json}``)."""
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    grid = dict(grid or {})
+    confs = configurations(model, grid, sets)  # validate before loading data
+    opts = model_options(model)
+    dropout_values = {c.model_kw.get("dropout", opts.get("dropout")) for c in confs}
+    swept_dropout = "dropout" in opts and len(dropout_values) > 1
+    groups: dict[str, list[Configuration]] = {}
+    for c in confs:
+        groups.setdefault(_group_key(model, c, swept_dropout), []).append(c)
+    log(f"sweep {model}: {len(confs)} configurations × {len(seeds)} seeds = {len(confs) * len(seeds)} "
+        f"replicas in {len(groups)} program{'s' * (len(groups) > 1)}")
+    out = Path(out) if out is not None else None
+    if out is not None:
+        (out / "groups").mkdir(parents=True, exist_ok=True)
+
+    dataset = None
+    replicas: list[dict] = []
+    for gi, (key, members) in enumerate(groups.items(), 1):
+        saved = out / "groups" / f"{key}.json" if out is not None else None
+        if saved is not None and saved.exists():
+            replicas += json.loads(saved.read_text())["replicas"]
+            log(f"group {gi}/{len(groups)}: done before, read {saved}")
+            continue
+        if dataset is None:
+            dataset = load_dataset(data, data_dir=data_dir, cache_dir=cache_dir)
+            log(f"data  {dataset.summary()}")
+        first = members[0]
+        model_kw = {k: v for k, v in first.model_kw.items() if not (swept_dropout and k == "dropout")}
+        net = build_model(model, dataset.schema, **model_kw)
+        cfgs, dropouts, labels = [], [], []
+        for c in members:
+            for s in seeds:
+                cfgs.append(TrainConfig(**{**c.train_kw, "seed": s}))
+                dropouts.append(c.model_kw.get("dropout", opts.get("dropout", 0.0)))
+                labels.append(c.label)
+        log(f"group {gi}/{len(groups)}: {len(cfgs)} replicas of {model} {model_kw or ''}")
+        t0 = time.perf_counter()
+        results = fit_sweep(net, dataset, cfgs, log=log, progress=progress, max_replicas=max_replicas,
+                            dropouts=dropouts if swept_dropout else None)
+        wall = time.perf_counter() - t0
+        group_rows = []
+        for label, cfg, rate, r in zip(labels, cfgs, dropouts, results):
+            res = r.result
+            group_rows.append(_jsonable({
+                "configuration": label, "seed": cfg.seed, "status": r.status, "message": r.message,
+                "test_auc": res.test["auc"] if res else float("nan"),
+                "test_logloss": res.test["logloss"] if res else float("nan"),
+                "valid_auc": res.valid["auc"] if res else float("nan"),
+                "best_epoch": res.best_epoch if res else 0, "epochs": res.epochs if res else 0,
+                "num_params": res.num_params if res else 0, "group": key, "group_wall_seconds": wall,
+                "train_samples_per_s": res.train_samples_per_s if res else float("nan"),
+                "config": {"train": dataclasses.asdict(cfg), "model": {**opts, **model_kw, **(
+                    {"dropout": rate} if swept_dropout else {})}},
+                "history": res.history if res else [],
+            }))
+        replicas += group_rows
+        if saved is not None:
+            tmp = saved.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"replicas": group_rows}, indent=1))
+            tmp.replace(saved)
+    summary = summarise(model, data, confs, replicas, command=command)
+    if out is not None:
+        (out / "sweep.md").write_text(summary["markdown"])
+        (out / "sweep.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "markdown"},
+                                                   indent=1))
+        log(f"wrote {out}/sweep.md and sweep.json")
+    return summary
+
+
+def summarise(model: str, data: str, confs: list[Configuration], replicas: list[dict],
+              command: str | None = None) -> dict[str, Any]:
+    rows = []
+    for c in confs:
+        mine = [r for r in replicas if r["configuration"] == c.label]
+        rows.append({
+            "configuration": c.label, "seeds": [r["seed"] for r in mine],
+            "test_auc": [r["test_auc"] for r in mine], "test_logloss": [r["test_logloss"] for r in mine],
+            "best_epoch": [r["best_epoch"] for r in mine],
+            "diverged": sum(r["status"] != "done" for r in mine),
+            "wall_seconds": mine[0]["group_wall_seconds"] if mine else float("nan"),
+            "group": mine[0]["group"] if mine else "",
+        })
+    rows.sort(key=lambda r: -statistics.mean([x for x in r["test_auc"] if x == x] or [0.0]))
+    lines = [f"# sweep: {model} on {data}", ""]
+    if command:
+        lines += [f"Command: `{command}`", ""]
+    lines += [f"Versions: {json.dumps(versions())}", "",
+              "| configuration | test AUC | test logloss | best epoch | diverged | program | program wall s |",
+              "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| `{r['configuration']}` | {mean_std(r['test_auc'])} | {mean_std(r['test_logloss'])} | "
+                     f"{', '.join(map(str, r['best_epoch']))} | {r['diverged']} | {r['group']} | "
+                     f"{r['wall_seconds']:.0f} |")
+    lines += ["", "Mean ± sample standard deviation over seeds. Replicas of one program trained "
+              "together (vmapped); its wall time covers all of them, compilation included."]
+    return {"model": model, "data": data, "command": command, "rows": rows, "replicas": replicas,
+            "versions": versions(), "markdown": "\n".join(lines) + "\n"}
