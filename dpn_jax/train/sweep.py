@@ -127,12 +127,14 @@ def plan_chunk(n: int, per_replica: int, budget: int) -> int:
 def fit_sweep(model: nn.Module, data: Dataset, cfgs: Sequence[TrainConfig], *,
               log: Callable[[str], None] | None = None, progress: bool | None = None,
               dropouts: Sequence[float] | None = None, max_replicas: int | None = None,
-              memory_budget: int | None = None) -> list[ReplicaResult]:
+              memory_budget: int | None = None,
+              on_epoch: Callable[[int, TrainState, np.ndarray], None] | None = None) -> list[ReplicaResult]:
     """Train one replica per config in ``cfgs`` (same static options) as vmapped programs.
 
     ``dropouts``: per-replica values of the model's ``dropout`` option (data, one program).
     Returns one :class:`ReplicaResult` per config, in order. Replicas are split into chunks
-    that fit the device (``memory_budget`` bytes, default from the device) or ``max_replicas``."""
+    that fit the device (``memory_budget`` bytes, default from the device) or ``max_replicas``.
+    ``on_epoch(epoch, stacked_state, active)`` runs after each epoch's bookkeeping."""
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     cfgs = list(cfgs)
     if not cfgs:
@@ -169,12 +171,13 @@ def fit_sweep(model: nn.Module, data: Dataset, cfgs: Sequence[TrainConfig], *,
     out: list[ReplicaResult] = []
     for start in range(0, len(cfgs), chunk):
         out += _fit_chunk(model, data, cfgs[start:start + chunk], log=log, progress=progress,
-                          first=start, dropouts=None if dropouts is None else dropouts[start:start + chunk])
+                          first=start, dropouts=None if dropouts is None else dropouts[start:start + chunk],
+                          on_epoch=on_epoch)
     return out
 
 
 def _fit_chunk(model, data: Dataset, cfgs: list[TrainConfig], *, log, progress, first: int,
-               dropouts: list[float] | None) -> list[ReplicaResult]:
+               dropouts: list[float] | None, on_epoch=None) -> list[ReplicaResult]:
     K, cfg0 = len(cfgs), cfgs[0]
     n_train = split_len(data.train)
     example = _first_rows(data.train, min(n_train, 8))
@@ -296,6 +299,8 @@ def _fit_chunk(model, data: Dataset, cfgs: list[TrainConfig], *, log, progress, 
                     new_lrs[k] = max(c.min_lr, float(lrs[k]) * c.reduce_lr_factor)
             if (new_lrs != lrs).any():
                 state = set_lr(state, new_lrs.astype(np.float32))
+            if on_epoch is not None:
+                on_epoch(epoch, state, active.copy())
             bar.end_epoch()
             shown = "  ".join(
                 f"{valid[k]['auc']:.4f}{'*' if k in improved_any else (' ' if active[k] else 'x')}"
