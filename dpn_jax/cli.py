@@ -27,9 +27,12 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=2021, help="model seed: init, dropout, data order")
     t.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a training or model option, e.g. --set lr=3e-4 --set dropout=0.2")
-    t.add_argument("--out", default=None, help="write results.json and the best parameters here")
+    t.add_argument("--out", default=None,
+                   help="write the model bundle here (results.json, parameters, encoders; see `predict`)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     sub.add_parser("models", help="list the model registry and each model's options")
+    _add_serving_parsers(sub)
+    _add_sweep_parser(sub)
     return p
 
 
@@ -52,13 +55,109 @@ def _cmd_models(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- serving
+
+
+def _add_serving_parsers(sub) -> None:
+    p = sub.add_parser("predict", help="score a csv/parquet file with a model bundle (streaming)")
+    p.add_argument("--model", required=True, help="a bundle directory written by `train --out`")
+    p.add_argument("--input", required=True, help="csv or parquet file with the spec's raw columns")
+    p.add_argument("--output", required=True, help="output file: .csv or .parquet (by extension)")
+    p.add_argument("--id-column", default=None, help="copy this input column to the output")
+    p.add_argument("--batch-size", type=int, default=4096, help="rows read and scored at a time")
+    p.add_argument("--sep", default=None, help="csv delimiter (default: the dataset spec's)")
+    e = sub.add_parser("export", help="serialise a bundle's scoring function with jax.export")
+    e.add_argument("--model", required=True, help="a bundle directory written by `train --out`")
+    e.add_argument("--out", required=True, help="output directory (load with dpn_jax.serving.load_exported)")
+    e.add_argument("--platforms", default="cpu,cuda", help="comma-separated: cpu, cuda, rocm, tpu")
+    b = sub.add_parser("bench", help="benchmarks: --latency (per-request p50/p99)")
+    b.add_argument("--latency", action="store_true", help="per-request latency, jit vs exported")
+    b.add_argument("--models", default="dnn,dpn", help="registry names, freshly initialised")
+    b.add_argument("--bundle", default=None, help="benchmark this bundle's model instead of --models")
+    b.add_argument("--batches", default="1,16,256", help="request sizes")
+    b.add_argument("--requests", type=int, default=300, help="timed requests per cell")
+
+
+def _cmd_predict(args) -> int:
+    from dpn_jax.serving.predictor import load
+    from dpn_jax.serving.stream import predict_file
+
+    summary = predict_file(load(args.model), args.input, args.output, id_column=args.id_column,
+                           batch_size=args.batch_size, sep=args.sep)
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from dpn_jax.serving.export import export_bundle
+
+    meta = export_bundle(args.model, args.out, [x for x in args.platforms.split(",") if x])
+    print(json.dumps({"out": args.out, "model": meta["model"], "platforms": meta["platforms"],
+                      "program_bytes": meta["program_bytes"]}), flush=True)
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from dpn_jax.errors import ConfigError
+    from dpn_jax.serving.latency import bench_latency, device_name, format_table
+
+    if not args.latency:
+        raise ConfigError("choose a benchmark: dpn-jax bench --latency")
+    try:
+        batches = [int(x) for x in args.batches.split(",") if x]
+    except ValueError:
+        raise ConfigError(f"--batches {args.batches!r}: expected comma-separated integers like 1,16,256") from None
+    rows = bench_latency([m for m in args.models.split(",") if m], batches, args.requests, args.bundle,
+                         log=lambda s: print(s, file=sys.stderr, flush=True))
+    print(f"latency per request on {device_name()}, {args.requests} requests per cell\n{format_table(rows)}")
+    return 0
+
+
+SERVING_COMMANDS = {"predict": _cmd_predict, "export": _cmd_export, "bench": _cmd_bench}
+
+
+# ----------------------------------------------------------------------------- sweeps
+
+
+def _add_sweep_parser(sub) -> None:
+    s = sub.add_parser("sweep", help="train seeds × a hyper-parameter grid as vmapped replicas")
+    s.add_argument("--model", required=True, help="a registry name (see `dpn-jax models`)")
+    s.add_argument("--data", required=True, help="a built-in name or a dataset spec file (.yaml)")
+    s.add_argument("--seeds", default="2021-2025", help="e.g. 2021-2025 or 2021,2022 (default 2021-2025)")
+    s.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="values to sweep, e.g. --grid lr=1e-3,3e-4 --grid embedding_l2=0,1e-5; "
+                        "lr, embedding_l2, net_l2, grad_clip and dropout share one program")
+    s.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option fixed for every replica")
+    s.add_argument("--out", default=None, help="write sweep.md / sweep.json here (and resume from it)")
+    s.add_argument("--max-replicas", type=int, default=None, help="at most this many replicas per program")
+    s.add_argument("--data-dir", default=None, help="where built-in datasets live")
+    s.add_argument("--cache-dir", default=None, help="encoded-split cache")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _cmd_sweep(args) -> int:
+    import shlex
+
+    from dpn_jax.sweep_runner import parse_grid, parse_seeds, run_sweep
+
+    command = "dpn-jax " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
+    summary = run_sweep(args.model, args.data, seeds=parse_seeds(args.seeds), grid=parse_grid(args.grid),
+                        sets=args.sets, out=args.out, data_dir=args.data_dir, cache_dir=args.cache_dir,
+                        progress=False if args.no_progress else None, max_replicas=args.max_replicas,
+                        command=command)
+    print(summary["markdown"], flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from dpn_jax.train import xla_cache
 
     xla_cache.enable(Path(args.cache_dir) / "xla" if getattr(args, "cache_dir", None) else None)
     try:
-        return {"train": _cmd_train, "models": _cmd_models}[args.command](args)
+        return {"train": _cmd_train, "models": _cmd_models, **SERVING_COMMANDS,
+                "sweep": _cmd_sweep}[args.command](args)
     except DpnError as err:
         print(f"dpn-jax: error: {err}", file=sys.stderr)
         return 2

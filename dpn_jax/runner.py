@@ -1,9 +1,8 @@
-"""``run_train``: the one function behind ``dpn-jax train`` (also usable from notebooks)."""
+"""``run_train``: the one function behind ``dpn-jax train`` (also ``dpn_jax.train(...)``)."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import platform
 import sys
 import time
@@ -49,7 +48,8 @@ def run_train(model: str, data: str, *, seed: int = 2021, sets: Sequence[str] = 
               out: str | Path | None = None, data_dir: str | None = None,
               cache_dir: str | None = None, progress: bool | None = None,
               log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Load ``data``, build ``model`` with ``--set`` overrides, fit, and write ``out/``.
+    """Load ``data``, build ``model`` with ``--set`` overrides, fit, and write the model bundle
+    ``out/`` (see :mod:`dpn_jax.serving.bundle`; load it with ``dpn_jax.load(out)``).
 
     Returns the results dict (also written to ``out/results.json``)."""
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
@@ -85,11 +85,12 @@ def run_train(model: str, data: str, *, seed: int = 2021, sets: Sequence[str] = 
         results["bayes_test_auc"] = dataset.meta["bayes_auc"]["test"]
     results = _jsonable(results)
     if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "params.msgpack").write_bytes(serialization.to_bytes(
-            {"params": result.params, "batch_stats": result.batch_stats}))
-        (out / "schema.json").write_text(json.dumps(dataset.schema.to_json(), indent=1))
-        (out / "results.json").write_text(json.dumps(results, indent=2))
-        log(f"wrote {out}/results.json and params.msgpack")
+        from dpn_jax.serving.bundle import write_bundle
+
+        params_bytes = serialization.to_bytes({"params": result.params, "batch_stats": result.batch_stats})
+        out = write_bundle(out, model=model, model_config=results["config"]["model"],
+                           train_config=results["config"]["train"], seed=seed,
+                           params_bytes=params_bytes, dataset=dataset, data=str(data), results=results)
+        log(f"wrote model bundle {out}/ (results.json, params.msgpack, encoders.json, ...; "
+            f"score with `dpn-jax predict --model {out}`)")
     return results

@@ -200,3 +200,34 @@ def summarise(model: str, data: str, confs: list[Configuration], replicas: list[
               "together (vmapped); its wall time covers all of them, compilation included."]
     return {"model": model, "data": data, "command": command, "rows": rows, "replicas": replicas,
             "versions": versions(), "markdown": "\n".join(lines) + "\n"}
+
+
+def train_seeds(model: str, dataset, seeds: Sequence[int], sets: Sequence[str] = (), *,
+                data_name: str | None = None, progress: bool | None = None,
+                log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """One configuration over ``seeds`` as one vmapped sweep; a results dict per seed with the
+    keys of ``run_train``'s (``train_samples_per_s`` per replica: the sweep's total / K)."""
+    opts = model_options(model)
+    train_kw, model_kw = split_overrides(list(sets), opts, model)
+    net = build_model(model, dataset.schema, **model_kw)
+    cfgs = [TrainConfig(**{**train_kw, "seed": s}) for s in seeds]
+    t0 = time.perf_counter()
+    results = fit_sweep(net, dataset, cfgs, log=log or (lambda s: None), progress=progress)
+    wall = time.perf_counter() - t0
+    out = []
+    for cfg, r in zip(cfgs, results):
+        res = r.result
+        if res is None:
+            raise ConfigError(f"{model} seed {cfg.seed}: {r.message}")
+        out.append(_jsonable({
+            "model": model, "data": data_name or dataset.name, "seed": cfg.seed, "status": r.status,
+            "test_auc": res.test["auc"], "test_logloss": res.test["logloss"],
+            "valid_auc": res.valid["auc"], "valid_logloss": res.valid["logloss"],
+            "best_epoch": res.best_epoch, "epochs": res.epochs, "train_seconds": wall,
+            "train_step_seconds": res.train_seconds, "compile_seconds": res.compile_seconds,
+            "train_samples_per_s": res.train_samples_per_s / len(cfgs), "sweep_replicas": len(cfgs),
+            "num_params": res.num_params,
+            "config": {"model": {**opts, **model_kw}, "train": dataclasses.asdict(cfg)},
+            "history": res.history, "dataset": dataset.summary(), "versions": versions(),
+        }))
+    return out

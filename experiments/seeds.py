@@ -7,6 +7,10 @@
 Each ``--run`` is a model name followed by ``key=value`` overrides. Every finished (run, seed)
 is kept as ``<out>/runs/<slug>-<seed>.json``; a rerun skips those, so an interrupted sweep
 resumes. The table goes to ``<out>.md`` (and ``<out>.json``) with the command that made it.
+
+The missing seeds of one run train together as one vmapped sweep (``dpn_jax.train.sweep``:
+each replica equals its sequential run up to float rounding); ``--sequential`` trains them one
+by one with ``run_train`` instead.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ import sys
 import time
 from pathlib import Path
 
+from dpn_jax.data import load_dataset
 from dpn_jax.runner import run_train, versions
+from dpn_jax.sweep_runner import train_seeds
 from dpn_jax.train import xla_cache
 
 
@@ -43,29 +49,34 @@ def main(argv: list[str] | None = None, command: str | None = None) -> int:
     p.add_argument("--out", required=True, help="output stem: <out>.md, <out>.json, <out>/runs/")
     p.add_argument("--protocol", action="append", default=[], metavar="KEY=VALUE",
                    help="a training option applied to every run (stated once in the table header)")
+    p.add_argument("--sequential", action="store_true", help="one run per seed instead of a vmapped sweep")
     args = p.parse_args(argv)
     xla_cache.enable()
     seeds = [int(s) for s in args.seeds.split(",")]
     out = Path(args.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     rows = []
+    dataset = None
     for run in args.run:
         model, *sets = run.split()
         sets = [*args.protocol, *sets]
-        results = []
-        for seed in seeds:
-            path = out / "runs" / f"{slug(' '.join([model, *sets]))}-{seed}.json"
-            if path.exists():
-                results.append(json.loads(path.read_text()))
-                continue
-            t0 = time.perf_counter()
-            r = run_train(model, args.data, seed=seed, sets=sets, data_dir=args.data_dir, progress=False,
-                          log=lambda s: None)
+        paths = {seed: out / "runs" / f"{slug(' '.join([model, *sets]))}-{seed}.json" for seed in seeds}
+        missing = [seed for seed in seeds if not paths[seed].exists()]
+        t0 = time.perf_counter()
+        fresh = []
+        if missing and args.sequential:
+            fresh = [run_train(model, args.data, seed=seed, sets=sets, data_dir=args.data_dir,
+                               progress=False, log=lambda s: None) for seed in missing]
+        elif missing:
+            if dataset is None:
+                dataset = load_dataset(args.data, data_dir=args.data_dir)
+            fresh = train_seeds(model, dataset, missing, sets, data_name=args.data, progress=False)
+        for r in fresh:
             r.pop("history", None)
-            path.write_text(json.dumps(r, indent=1))
-            print(f"{run} seed {seed}: test auc {r['test_auc']:.4f} logloss {r['test_logloss']:.4f} "
-                  f"({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
-            results.append(r)
+            paths[r["seed"]].write_text(json.dumps(r, indent=1))
+            print(f"{run} seed {r['seed']}: test auc {r['test_auc']:.4f} logloss {r['test_logloss']:.4f} "
+                  f"({time.perf_counter() - t0:.0f}s for {len(missing)} seeds)", file=sys.stderr, flush=True)
+        results = [json.loads(paths[seed].read_text()) for seed in seeds]
         rows.append({
             "run": run, "seeds": seeds,
             "test_auc": [r["test_auc"] for r in results],
@@ -87,8 +98,8 @@ def main(argv: list[str] | None = None, command: str | None = None) -> int:
                      f"{', '.join(map(str, r['best_epoch']))} | {r['num_params']:,} | "
                      f"{statistics.mean(r['train_samples_per_s']):,.0f} |")
     lines += ["", "Mean ± sample standard deviation over seeds. Samples/s: jitted train steps only "
-              "(compilation excluded), on the machine named in the versions line; compare "
-              "throughput only between rows of one table."]
+              "(compilation excluded), on the machine named in the versions line, per replica when the "
+              "seeds trained as one vmapped sweep; compare throughput only between rows of one table."]
     Path(f"{out}.md").write_text("\n".join(lines) + "\n")
     Path(f"{out}.json").write_text(json.dumps({"command": command, "protocol": args.protocol, "rows": rows}, indent=1))
     print("\n".join(lines))

@@ -115,6 +115,15 @@ class FittedEncoders:
             out["label"] = np.asarray(raw[self.label], dtype=np.float32).reshape(n)
         return out, counts
 
+    def columns(self) -> dict[str, readers.ColumnKind]:
+        """Raw input columns and how to read them (as :func:`columns_needed` does for a spec):
+        numeric fields (dense or bucketised) as floats, everything else as text."""
+        cols: dict[str, readers.ColumnKind] = {}
+        for f in self.fields:
+            kind: readers.ColumnKind = "float" if f.kind == "num" or f.edges is not None else "str"
+            cols[f.column] = kind if cols.get(f.column, kind) == kind else "str"
+        return cols
+
     def to_json(self) -> dict[str, Any]:
         return {
             "format": ENCODER_FORMAT,

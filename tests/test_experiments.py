@@ -1,0 +1,42 @@
+"""The experiment scripts: seeds.py trains each run's seeds as one sweep, writes the table with
+its command, and resumes from the per-seed files."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+
+
+@pytest.fixture
+def seeds_script(monkeypatch, tiny_synthetic):
+    import seeds
+
+    monkeypatch.setattr(seeds, "load_dataset", lambda *a, **k: tiny_synthetic)
+    return seeds
+
+
+def test_seeds_script_sweeps_writes_and_resumes(seeds_script, tmp_path, monkeypatch):
+    out = tmp_path / "t"
+    argv = ["--data", "synthetic", "--seeds", "1,2", "--out", str(out), "--protocol", "max_epochs=2",
+            "--protocol", "batch_size=1024", "--run", "lr", "--run", "fm embedding_dim=4"]
+    assert seeds_script.main(argv, command="python experiments/seeds.py ...") == 0
+    table = (out.parent / "t.md").read_text()
+    assert "Protocol for every run: `max_epochs=2 batch_size=1024`" in table
+    assert "| `fm embedding_dim=4` |" in table and "| `lr` |" in table
+    runs = sorted(p.name for p in (out / "runs").iterdir())
+    assert runs == ["fm_max_epochs=2_batch_size=1024_embedding_dim=4-1.json",
+                    "fm_max_epochs=2_batch_size=1024_embedding_dim=4-2.json",
+                    "lr_max_epochs=2_batch_size=1024-1.json", "lr_max_epochs=2_batch_size=1024-2.json"]
+    first = json.loads((out / "runs" / runs[0]).read_text())
+    assert first["sweep_replicas"] == 2 and first["config"]["model"]["embedding_dim"] == 4
+    assert first["config"]["train"]["max_epochs"] == 2
+
+    # A rerun trains nothing: every (run, seed) is on disk.
+    monkeypatch.setattr(seeds_script, "train_seeds", lambda *a, **k: pytest.fail("retrained"))
+    assert seeds_script.main(argv) == 0
+    assert (out.parent / "t.json").exists()
