@@ -50,7 +50,13 @@ def main(argv: list[str] | None = None, command: str | None = None) -> int:
     p.add_argument("--protocol", action="append", default=[], metavar="KEY=VALUE",
                    help="a training option applied to every run (stated once in the table header)")
     p.add_argument("--sequential", action="store_true", help="one run per seed instead of a vmapped sweep")
+    p.add_argument("--synthetic", default="", metavar="KEY=V,...",
+                   help="options of the synthetic generator, e.g. rows=60000,vocab=10,contextual=3")
     args = p.parse_args(argv)
+    synthetic = {k: float(v) if "." in v or "e" in v else int(v)
+                 for k, v in (kv.split("=", 1) for kv in args.synthetic.split(",") if kv)}
+    if synthetic and (args.data != "synthetic" or args.sequential):
+        p.error("--synthetic needs --data synthetic (and no --sequential)")
     xla_cache.enable()
     seeds = [int(s) for s in args.seeds.split(",")]
     out = Path(args.out)
@@ -69,7 +75,7 @@ def main(argv: list[str] | None = None, command: str | None = None) -> int:
                                progress=False, log=lambda s: None) for seed in missing]
         elif missing:
             if dataset is None:
-                dataset = load_dataset(args.data, data_dir=args.data_dir)
+                dataset = load_dataset(args.data, data_dir=args.data_dir, **synthetic)
             fresh = train_seeds(model, dataset, missing, sets, data_name=args.data, progress=False)
         for r in fresh:
             r.pop("history", None)
@@ -88,6 +94,7 @@ def main(argv: list[str] | None = None, command: str | None = None) -> int:
     command = command or "python " + " ".join(
         shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     lines = [f"# {args.data}: test AUC / logloss over seeds {args.seeds}", "",
+             *([f"Synthetic generator: `{args.synthetic}`", ""] if synthetic else []),
              f"Command: `{command}`", "",
              *([f"Protocol for every run: `{' '.join(args.protocol)}`", ""] if args.protocol else []),
              f"Versions: {json.dumps(versions())}", "",
