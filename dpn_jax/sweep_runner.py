@@ -97,13 +97,19 @@ def mean_std(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.4f}"
 
 
-def run_sweep(model: str, data: str, *, seeds: Sequence[int], grid: dict[str, list[str]] | None = None,
+def run_sweep(model: str, data, *, seeds: Sequence[int], grid: dict[str, list[str]] | None = None,
               sets: Sequence[str] = (), out: str | Path | None = None, data_dir: str | None = None,
               cache_dir: str | None = None, progress: bool | None = None,
               max_replicas: int | None = None, command: str | None = None,
               log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Train every (configuration, seed) replica; returns the summary (also ``out/sweep.{md,json}``)."""
+    """Train every (configuration, seed) replica; returns the summary (also ``out/sweep.{md,json}``).
+
+    ``data``: a built-in name or spec path, or an already loaded ``Dataset`` (e.g. a custom
+    ``make_synthetic(...)``)."""
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    dataset = None if isinstance(data, (str, Path)) else data
+    if dataset is not None:
+        data = dataset.name
     grid = dict(grid or {})
     confs = configurations(model, grid, sets)  # validate before loading data
     opts = model_options(model)
@@ -118,7 +124,6 @@ def run_sweep(model: str, data: str, *, seeds: Sequence[int], grid: dict[str, li
     if out is not None:
         (out / "groups").mkdir(parents=True, exist_ok=True)
 
-    dataset = None
     replicas: list[dict] = []
     for gi, (key, members) in enumerate(groups.items(), 1):
         saved = out / "groups" / f"{key}.json" if out is not None else None

@@ -20,6 +20,8 @@ from dpn_jax.train.sweep import fit_sweep, plan_chunk, replica_bytes
 # so each step differs by float32 rounding (~1e-7 relative). Adam's normalised updates move a
 # parameter by at most ~lr per step, so over these ~20 steps the gap stays far below lr = 1e-3;
 # measured: 1.2e-7 (no dropout) to 2e-4 (dropout 0.3, lr 3e-3, 3 epochs) on synthetic data.
+# Long, high-lr runs amplify rounding chaotically (as two compilations of fit itself do,
+# notebook 04), so the check is kept to a short run where it is meaningful.
 PARAM_ATOL = 1e-4
 AUC_ATOL = 1e-4
 
@@ -107,7 +109,6 @@ def test_static_options_must_agree(tiny_synthetic):
 def test_run_sweep_groups_by_shape_and_resumes(tiny_synthetic, tmp_path, monkeypatch):
     import dpn_jax.sweep_runner as sr
 
-    monkeypatch.setattr(sr, "load_dataset", lambda *a, **k: tiny_synthetic)
     calls = []
     real = sr.fit_sweep
 
@@ -118,7 +119,7 @@ def test_run_sweep_groups_by_shape_and_resumes(tiny_synthetic, tmp_path, monkeyp
     monkeypatch.setattr(sr, "fit_sweep", counting)
     grid = parse_grid(["embedding_dim=4,6", "lr=1e-3,2e-3"])
     sets = ["hidden=8", "max_epochs=1", "batch_size=1024", "eval_batch_size=1024"]
-    summary = run_sweep("dnn", "synthetic", seeds=[1, 2], grid=grid, sets=sets, out=tmp_path,
+    summary = run_sweep("dnn", tiny_synthetic, seeds=[1, 2], grid=grid, sets=sets, out=tmp_path,
                         log=lambda s: None, progress=False)
     # Width changes the program: two programs, each with 2 learning rates x 2 seeds.
     assert sorted(c[0] for c in calls) == [4, 6]
@@ -129,7 +130,7 @@ def test_run_sweep_groups_by_shape_and_resumes(tiny_synthetic, tmp_path, monkeyp
     assert len(json.loads((tmp_path / "sweep.json").read_text())["replicas"]) == 8
 
     calls.clear()  # a rerun reads both finished programs instead of training
-    again = run_sweep("dnn", "synthetic", seeds=[1, 2], grid=grid, sets=sets, out=tmp_path,
+    again = run_sweep("dnn", tiny_synthetic, seeds=[1, 2], grid=grid, sets=sets, out=tmp_path,
                       log=lambda s: None, progress=False)
     assert calls == [] and again["rows"] == summary["rows"]
 

@@ -59,14 +59,19 @@ def set_lr(state: TrainState, lr: float) -> TrainState:
     return state.replace(opt_state=opt_state)
 
 
+def make_init_fn(model: nn.Module) -> Callable[[jax.Array, dict], Any]:
+    """Jitted ``(key, batch) -> variables``; reuse one for many seeds to compile it once."""
+    return jax.jit(lambda k, b: model.init({"params": k}, b, train=False))
+
+
 def init_state(model: nn.Module, example_batch: dict, cfg: TrainConfig,
-               tx: optax.GradientTransformation) -> TrainState:
+               tx: optax.GradientTransformation, init_fn: Callable | None = None) -> TrainState:
     # Initialisation draws with the "rbg" generator: on the CPU its programs compile about twice
     # as fast as threefry's (initialisation runs once, compilation dominates); dropout keeps
     # threefry, which runs faster per step there.
     init_key = jax.random.key(cfg.seed, impl="rbg")
     dropout_key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 1)
-    variables = jax.jit(lambda k, b: model.init({"params": k}, b, train=False))(init_key, example_batch)
+    variables = (init_fn or make_init_fn(model))(init_key, example_batch)
     params = variables["params"]
     batch_stats = variables.get("batch_stats", {})
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,

@@ -12,8 +12,11 @@ structure (``SWEEPABLE``: learning rate, embedding/net L2, gradient clip), and b
 model options, batch size, epochs, monitor — must be equal within one call: callers group
 configurations by those first (``dpn_jax.sweep_runner`` does).
 
-Replica ``k`` computes the same arithmetic as ``fit(model, data, cfgs[k])``; on the CPU the
-vmapped matmuls may sum in another order, so results agree to float rounding, not bit for bit.
+Replica ``k`` computes the same arithmetic as ``fit(model, data, cfgs[k])``, but XLA may sum the
+vmapped matmuls in another order: each step agrees to float rounding, not bit for bit. Over long
+training at high learning rates those rounding differences can grow as far as the seed-to-seed
+spread — exactly as they do between two compilations of ``fit`` itself (notebook 04 shows both):
+a replica is a statistically equivalent run, and bit-equal only step by step.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from dpn_jax.train.state import (
     _inject_state,
     count_params,
     init_state,
+    make_init_fn,
     make_optimizer,
     make_predict,
     make_train_step,
@@ -186,7 +190,8 @@ def _fit_chunk(model, data: Dataset, cfgs: list[TrainConfig], *, log, progress, 
 
     # Each replica is initialised exactly as fit() would, then stacked on a leading axis.
     txs = [make_optimizer(c, clip_as_data=use_clip) for c in cfgs]
-    states = [init_state(model, example, c, tx) for c, tx in zip(cfgs, txs)]
+    init_fn = make_init_fn(model)  # one compilation for every seed
+    states = [init_state(model, example, c, tx, init_fn) for c, tx in zip(cfgs, txs)]
     state: TrainState = _stack(states)
     del states
     coefs = {k: jnp.asarray([getattr(c, k) for c in cfgs], jnp.float32) for k in reg_names}
