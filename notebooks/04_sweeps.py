@@ -131,11 +131,15 @@ except ConfigError as err:
 # epoch: we keep a host copy of the parameters to compare with the sequential runs in §6.
 
 # %%
-sweep_params = {}  # epoch -> parameters with the leading replica axis [K, ...]
+sweep_params = {}  # epoch -> {replica: parameters}
 
 
-def keep_sweep_params(epoch, state, active):
-    sweep_params[epoch] = jax.device_get(state.params)
+def keep_sweep_params(epoch, state, held, active):
+    # The stacked state's leading axis holds replicas `held` (stopped ones are dropped from it
+    # once fewer than 3/4 of them are active).
+    stacked = jax.device_get(state.params)
+    sweep_params[epoch] = {int(k): jax.tree_util.tree_map(lambda x, j=j: x[j], stacked)
+                           for j, k in enumerate(held) if active[k]}
 
 
 t = time.perf_counter()
@@ -320,17 +324,14 @@ def max_diff(a, b):
                for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
 
 
-def replica(tree, k):
-    return jax.tree_util.tree_map(lambda x: x[k], tree)
-
-
 lines = ["| lr | seed | max \\|Δ param\\| epoch 1 | first epoch > 1e-5 | max \\|Δ param\\| best "
          "| max \\|Δ valid AUC\\| | \\|Δ test AUC\\| | same best epoch |",
          "|---:|---:|---:|---:|---:|---:|---:|---|"]
 report = []
 for k, (rep, alone, alone_params) in enumerate(zip(sweep, seq, seq_params)):
     got, c = rep.result, rep.config
-    per_epoch = [max_diff(replica(sweep_params[e], k), alone_params[e]) for e in sorted(alone_params)]
+    per_epoch = [max_diff(sweep_params[e][k], alone_params[e]) for e in sorted(alone_params)
+                 if k in sweep_params.get(e, {})]
     r = dict(lr=c.lr, seed=c.seed, epoch1=per_epoch[0], final=max_diff(got.params, alone.params),
              first_big=next((e for e, d in enumerate(per_epoch, 1) if d > 1e-5), None),
              valid=max(abs(a["valid_auc"] - b["valid_auc"]) for a, b in zip(got.history, alone.history)),

@@ -58,25 +58,43 @@ def test_replicas_equal_sequential_runs(tiny_synthetic):
 
 
 def test_stopped_replica_stops_updating(tiny_synthetic):
-    """lr = 0 never improves after epoch 1, so with patience 1 that replica stops after epoch 2
-    while the other trains on: its parameters must not move after it stopped."""
+    """lr = 0 never improves after epoch 1, so with patience 2 that replica stops after epoch 3
+    while three others train on: 3 of 4 active keeps the stack (no compaction), the stopped
+    replica is masked, and its parameters must not move after it stopped."""
     ds = tiny_synthetic
-    base = BASE.replace(max_epochs=4, patience=1, reduce_lr_factor=0.0)
-    cfgs = [base.replace(seed=1), base.replace(seed=1, lr=0.0)]
-    snapshots: dict[int, list] = {0: [], 1: []}
-    actives = []
+    base = BASE.replace(max_epochs=5, patience=2, reduce_lr_factor=0.0, lr=3e-3)
+    cfgs = [base.replace(seed=s) for s in (1, 2, 3)] + [base.replace(seed=1, lr=0.0)]
+    snapshots: list = []
+    held_log, active_log = [], []
 
-    def record(epoch, state, active):
-        actives.append(active)
-        for k in (0, 1):
-            snapshots[k].append(jax.tree_util.tree_map(lambda x, k=k: np.array(x[k]), state.params))
+    def record(epoch, state, held, active):
+        held_log.append(held.tolist())
+        active_log.append(active.tolist())
+        snapshots.append(jax.tree_util.tree_map(lambda x: np.array(x[3]), state.params))
 
     out = fit_sweep(build_model("lr", ds.schema), ds, cfgs, log=lambda s: None, progress=False,
                     on_epoch=record)
+    assert out[3].result.epochs == 3 and out[3].result.best_epoch == 1
+    assert [r.result.epochs for r in out[:3]] == [5, 5, 5]
+    assert active_log[2] == [True, True, True, False] and held_log[-1] == [0, 1, 2, 3]
+    assert _max_diff(snapshots[2], snapshots[4]) == 0.0  # frozen once stopped
+
+
+def test_stopped_replicas_are_compacted_away(tiny_synthetic):
+    """With 1 of 2 replicas active the stack shrinks to the active one; its result still equals
+    its own sequential run."""
+    ds = tiny_synthetic
+    base = BASE.replace(max_epochs=4, patience=1, reduce_lr_factor=0.0)
+    cfgs = [base.replace(seed=1), base.replace(seed=1, lr=0.0)]
+    held_log = []
+    out = fit_sweep(build_model("lr", ds.schema), ds, cfgs, log=lambda s: None, progress=False,
+                    on_epoch=lambda e, state, held, active: held_log.append(
+                        (held.tolist(), jax.tree_util.tree_leaves(state.params)[0].shape[0])))
     assert out[1].result.epochs == 2 and out[0].result.epochs == 4
-    assert actives[1].tolist() == [True, False]
-    assert _max_diff(snapshots[1][1], snapshots[1][3]) == 0.0  # frozen once stopped
-    assert _max_diff(snapshots[0][1], snapshots[0][3]) > 0.0   # the other still trains
+    assert held_log[1] == ([0, 1], 2) and held_log[2] == ([0], 1)
+    alone = fit(build_model("lr", ds.schema), ds, cfgs[0], log=lambda s: None, progress=False)
+    assert _max_diff(out[0].result.params, alone.params) < PARAM_ATOL
+    assert abs(out[0].result.test["auc"] - alone.test["auc"]) < AUC_ATOL
 
 
 def test_chunks_equal_one_program_and_memory_plan(tiny_synthetic):

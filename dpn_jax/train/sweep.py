@@ -132,13 +132,17 @@ def fit_sweep(model: nn.Module, data: Dataset, cfgs: Sequence[TrainConfig], *,
               log: Callable[[str], None] | None = None, progress: bool | None = None,
               dropouts: Sequence[float] | None = None, max_replicas: int | None = None,
               memory_budget: int | None = None,
-              on_epoch: Callable[[int, TrainState, np.ndarray], None] | None = None) -> list[ReplicaResult]:
+              on_epoch: Callable[[int, TrainState, np.ndarray, np.ndarray], None] | None = None
+              ) -> list[ReplicaResult]:
     """Train one replica per config in ``cfgs`` (same static options) as vmapped programs.
 
     ``dropouts``: per-replica values of the model's ``dropout`` option (data, one program).
     Returns one :class:`ReplicaResult` per config, in order. Replicas are split into chunks
     that fit the device (``memory_budget`` bytes, default from the device) or ``max_replicas``.
-    ``on_epoch(epoch, stacked_state, active)`` runs after each epoch's bookkeeping."""
+    ``on_epoch(epoch, stacked_state, held, active)`` runs after each epoch's bookkeeping: the
+    state's leading axis holds replicas ``held`` (indices into ``cfgs``; stopped replicas are
+    dropped from it once fewer than ``COMPACT_BELOW`` of those held are active), and
+    ``active[k]`` says whether replica ``k`` still trains."""
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     cfgs = list(cfgs)
     if not cfgs:
@@ -180,6 +184,9 @@ def fit_sweep(model: nn.Module, data: Dataset, cfgs: Sequence[TrainConfig], *,
     return out
 
 
+COMPACT_BELOW = 0.75  # drop stopped replicas from the program once fewer than this share is active
+
+
 def _fit_chunk(model, data: Dataset, cfgs: list[TrainConfig], *, log, progress, first: int,
                dropouts: list[float] | None, on_epoch=None) -> list[ReplicaResult]:
     K, cfg0 = len(cfgs), cfgs[0]
@@ -194,9 +201,8 @@ def _fit_chunk(model, data: Dataset, cfgs: list[TrainConfig], *, log, progress, 
     states = [init_state(model, example, c, tx, init_fn) for c, tx in zip(cfgs, txs)]
     state: TrainState = _stack(states)
     del states
-    coefs = {k: jnp.asarray([getattr(c, k) for c in cfgs], jnp.float32) for k in reg_names}
-
-    rates = None if dropouts is None else jnp.asarray(dropouts, jnp.float32)
+    coefs_all = {k: np.asarray([getattr(c, k) for c in cfgs], np.float32) for k in reg_names}
+    rates_all = None if dropouts is None else np.asarray(dropouts, np.float32)
 
     def model_with(rate):  # a per-replica dropout rate enters the model as a traced scalar
         return model if rate is None else model.clone(dropout=rate)
@@ -204,7 +210,7 @@ def _fit_chunk(model, data: Dataset, cfgs: list[TrainConfig], *, log, progress, 
     def step(state, batch, coefs, rate):
         return make_train_step(model_with(rate), cfg0, txs[0], regularizers_as_data=True)(state, batch, coefs)
 
-    def sweep_step(state, batch, coefs, active):
+    def sweep_step(state, batch, coefs, rates, active):
         new, loss = jax.vmap(step)(state, batch, coefs, rates)
         return _where(active, new, state), loss
 
@@ -215,9 +221,13 @@ def _fit_chunk(model, data: Dataset, cfgs: list[TrainConfig], *, log, progress, 
     predict = jax.jit(jax.vmap(make_predict(model), in_axes=(0, 0, None)))
     stats_of = None
     if state.batch_stats:
-        stats_of = jax.jit(lambda p, s, b, r: jax.vmap(stats_one)(p, s, b, r, rates))
+        stats_of = jax.jit(lambda p, s, b, r, rates: jax.vmap(stats_one)(p, s, b, r, rates))
     fold_in = jax.vmap(jax.random.fold_in, in_axes=(0, None))
 
+    # ``pos``: which replicas (indices into cfgs) the stacked state holds, in order. Stopped
+    # replicas stay in it, masked, until few are left; then the stack is compacted (one new
+    # compilation) so a CPU stops spending steps on them.
+    pos = np.arange(K)
     stoppers = [EarlyStopping(patience=c.patience) for c in cfgs]
     active = np.ones(K, bool)
     status = ["done"] * K
@@ -228,39 +238,43 @@ def _fit_chunk(model, data: Dataset, cfgs: list[TrainConfig], *, log, progress, 
     bar = EpochProgress(steps_per_epoch, cfg0.batch_size * K, enabled=progress)
     train_seconds = compile_seconds = 0.0
     timed_samples = 0
-    seen_shapes: set[int] = set()
+    seen_shapes: set[tuple[int, int]] = set()
     label = f"replicas {first}-{first + K - 1}"
     try:
         for epoch in range(1, cfg0.max_epochs + 1):
             if not active.any():
                 break
+            held = [cfgs[i] for i in pos]
+            coefs = {k: jnp.asarray(v[pos]) for k, v in coefs_all.items()}
+            rates = None if rates_all is None else jnp.asarray(rates_all[pos])
             bar.start_epoch(epoch)
             t0 = time.perf_counter()
             epoch_compile, epoch_untimed, n_steps = 0.0, 0, 0
             loss_sum = np.zeros(K)
-            mask = jnp.asarray(active)
-            for batch in _stacked_batches(data.train, cfgs, cfg0.batch_size, seed_offset=0, epoch=epoch):
-                rows = int(batch["label"].shape[1])
-                if rows not in seen_shapes:
+            mask = jnp.asarray(active[pos])
+            for batch in _stacked_batches(data.train, held, cfg0.batch_size, seed_offset=0, epoch=epoch):
+                shape = (len(pos), int(batch["label"].shape[1]))
+                if shape not in seen_shapes:
                     jax.block_until_ready(state)
                     c0 = time.perf_counter()
-                    state, loss = train_step(state, batch, coefs, mask)
+                    state, loss = train_step(state, batch, coefs, rates, mask)
                     jax.block_until_ready(loss)
                     epoch_compile += time.perf_counter() - c0
-                    epoch_untimed += rows
-                    seen_shapes.add(rows)
+                    epoch_untimed += shape[1]
+                    seen_shapes.add(shape)
                     bar.restart_clock(n_steps + 1)
                 else:
-                    state, loss = train_step(state, batch, coefs, mask)
+                    state, loss = train_step(state, batch, coefs, rates, mask)
                 n_steps += 1
                 if n_steps % 4 == 0 or n_steps == steps_per_epoch:
-                    values = np.asarray(loss, np.float64)
+                    values = np.full(K, np.nan)
+                    values[pos] = np.asarray(loss, np.float64)
                     for k in np.flatnonzero(active & ~np.isfinite(values)):
                         active[k], status[k] = False, "diverged"
                         messages[k] = (f"non-finite training loss {values[k]} at epoch {epoch}: lower "
                                        f"the learning rate or set grad_clip")
                         log(f"sweep: replica {first + k} ({_describe(cfgs[k])}) diverged at epoch {epoch}")
-                    mask = jnp.asarray(active)
+                    mask = jnp.asarray(active[pos])
                     loss_sum += np.where(np.isfinite(values), values, 0.0)
                     shown = values[active]
                     bar.update(n_steps, float(shown.mean()) if shown.size else float("nan"))
@@ -268,49 +282,57 @@ def _fit_chunk(model, data: Dataset, cfgs: list[TrainConfig], *, log, progress, 
             epoch_seconds = time.perf_counter() - t0
             train_seconds += epoch_seconds - epoch_compile
             compile_seconds += epoch_compile
-            timed_samples += (n_train - epoch_untimed) * int(np.asarray(mask).sum())
+            timed_samples += (n_train - epoch_untimed) * int(active[pos].sum())
 
             if stats_of is not None and cfg0.bn_recalibrate:
-                calib = _stacked_batches(data.train, cfgs, cfg0.batch_size, seed_offset=7919, epoch=epoch,
+                calib = _stacked_batches(data.train, held, cfg0.batch_size, seed_offset=7919, epoch=epoch,
                                          drop_last=n_train >= cfg0.batch_size)
                 calib = (b for _, b in zip(range(cfg0.bn_recalibrate_batches), calib))
-                keys = jnp.stack([jax.random.PRNGKey(c.seed + epoch) for c in cfgs])
-                new_stats = batchnorm.recalibrate(stats_of, state.params, state.batch_stats, calib, keys,
-                                                  fold_in=fold_in)
-                state = state.replace(batch_stats=_where(jnp.asarray(active), new_stats, state.batch_stats))
-            valid = evaluate_replicas(predict, state.params, state.batch_stats, data.valid,
-                                      cfg0.eval_batch_size)
-            lrs = np.asarray(_inject_state(state.opt_state).hyperparams["learning_rate"], np.float64)
-            new_lrs = lrs.copy()
+                keys = jnp.stack([jax.random.PRNGKey(c.seed + epoch) for c in held])
+                new_stats = batchnorm.recalibrate(
+                    lambda p, s, b, r, rates=rates: stats_of(p, s, b, r, rates), state.params, state.batch_stats,
+                    calib, keys, fold_in=fold_in)
+                state = state.replace(batch_stats=_where(mask, new_stats, state.batch_stats))
+            scores = evaluate_replicas(predict, state.params, state.batch_stats, data.valid,
+                                       cfg0.eval_batch_size)
+            valid = dict(zip(pos.tolist(), scores))
+            lrs_held = np.asarray(_inject_state(state.opt_state).hyperparams["learning_rate"], np.float64)
+            new_lrs = lrs_held.copy()
             improved_any = []
             params_host = stats_host = None
-            for k in np.flatnonzero(active):
+            for j, k in enumerate(pos):
+                if not active[k]:
+                    continue
                 c = cfgs[k]
                 improved = stoppers[k].update(monitor_score(c.monitor, valid[k]))
                 histories[k].append({
                     "epoch": epoch, "train_loss": loss_sum[k] / max(1, math.ceil(n_steps / 4)),
                     "valid_auc": valid[k]["auc"], "valid_logloss": valid[k]["logloss"],
-                    "lr": float(lrs[k]), "epoch_seconds": epoch_seconds})
+                    "lr": float(lrs_held[j]), "epoch_seconds": epoch_seconds})
                 if improved:
                     if params_host is None:
                         params_host, stats_host = jax.device_get((state.params, state.batch_stats))
-                    pick = (lambda k_: lambda x: np.array(x[k_]))(k)
+                    pick = (lambda j_: lambda x: np.array(x[j_]))(j)
                     best[k] = (jax.tree_util.tree_map(pick, params_host),
                                jax.tree_util.tree_map(pick, stats_host), epoch, valid[k])
                     improved_any.append(k)
                 elif stoppers[k].should_stop:
                     active[k] = False
                 elif c.reduce_lr_factor > 0:
-                    new_lrs[k] = max(c.min_lr, float(lrs[k]) * c.reduce_lr_factor)
-            if (new_lrs != lrs).any():
+                    new_lrs[j] = max(c.min_lr, float(lrs_held[j]) * c.reduce_lr_factor)
+            if (new_lrs != lrs_held).any():
                 state = set_lr(state, new_lrs.astype(np.float32))
             if on_epoch is not None:
-                on_epoch(epoch, state, active.copy())
+                on_epoch(epoch, state, pos.copy(), active.copy())
             bar.end_epoch()
             shown = "  ".join(
                 f"{valid[k]['auc']:.4f}{'*' if k in improved_any else (' ' if active[k] else 'x')}"
-                for k in range(K))
+                if k in valid else "   -   " for k in range(K))
             log(f"epoch {epoch:3d}  {label} valid auc  {shown}  ({int(active.sum())} active, {epoch_seconds:.1f}s)")
+            keep = np.flatnonzero(active[pos])
+            if 0 < len(keep) < COMPACT_BELOW * len(pos):
+                state = jax.tree_util.tree_map(lambda x, keep=keep: x[keep], state)
+                pos = pos[keep]
     finally:
         bar.close()
 
