@@ -5,6 +5,7 @@ Usage::
     ds = load_dataset("frappe")                # built-in (libfm files in the data dir)
     ds = load_dataset("path/to/spec.yaml")     # any csv / parquet / libfm data, see spec.py
     ds = load_dataset("synthetic", n=10_000)   # generated (dpn_jax.data.synthetic)
+    ds = load_dataset("amazon_grocery", max_len=50)  # behaviour logs -> DIN rows (behaviour.py)
     for batch in batches(ds.train, 1024, shuffle=True, seed=0, epoch=e): ...
     for batch in padded_batches(ds.test, 4096): ...   # every row once, batch["mask"] marks real rows
 """
@@ -24,7 +25,13 @@ from dpn_jax.data.schema import Dataset, FieldInfo, Schema, Split, split_len
 from dpn_jax.data.spec import DEFAULT_SEED, DatasetSpec, FieldSpec, load_spec, parse_spec
 from dpn_jax.errors import DataError
 
-BUILTIN = ("frappe", "synthetic")
+# Behaviour datasets (dpn_jax.data.behaviour): DIN-style rows built from real logs / fixtures.
+BEHAVIOUR_BUILTIN = (
+    "amazon_videogames", "amazon_grocery", "amazon_instruments", "amazon_electronics_din",
+    "fuxictr_tiny_seq",
+)  # fmt: skip
+BEHAVIOUR_OPTIONS = ("max_len", "max_users", "out_dir")
+BUILTIN = ("frappe", "synthetic", *BEHAVIOUR_BUILTIN)
 
 __all__ = [
     "BUILTIN", "Dataset", "DatasetSpec", "FieldInfo", "FieldSpec", "FittedEncoders", "Schema", "Split",
@@ -40,10 +47,23 @@ def load_dataset(
     seed: int = DEFAULT_SEED,
     **synthetic_kwargs: Any,
 ) -> Dataset:
-    """Load a built-in dataset ("frappe", "synthetic") or a ``.yaml``/``.yml`` spec's dataset.
+    """Load a built-in dataset (:data:`BUILTIN`) or a ``.yaml``/``.yml`` spec's dataset.
 
-    ``seed`` seeds the carved splits (a spec's own ``split.seed`` wins) and the synthetic generator."""
+    ``seed`` seeds the carved splits (a spec's own ``split.seed`` wins), the synthetic generator
+    and the behaviour builders' negative sampling. Keyword options go to the synthetic generator,
+    or (``max_len``, ``max_users``, ``out_dir``) to :func:`dpn_jax.data.behaviour.load_behaviour`."""
     name = str(name_or_spec)
+    if name in BEHAVIOUR_BUILTIN:
+        from dpn_jax.data.behaviour import load_behaviour
+
+        bad = sorted(set(synthetic_kwargs) - set(BEHAVIOUR_OPTIONS))
+        if bad:
+            raise DataError(
+                f"options {bad} do not apply to {name!r}; it takes {list(BEHAVIOUR_OPTIONS)}"
+            )
+        return load_behaviour(
+            name, data_dir=data_dir, cache_dir=cache_dir, seed=seed, **synthetic_kwargs
+        )
     if synthetic_kwargs and name != "synthetic":
         raise DataError(
             f"options {sorted(synthetic_kwargs)} apply only to the synthetic dataset, not {name!r}"
