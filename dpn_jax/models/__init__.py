@@ -7,6 +7,7 @@ from dpn_jax.models import (  # noqa: F401  (importing registers the models)
     dpn,
     fm_family,
     linear,
+    sequence_family,
 )
 from dpn_jax.models.registry import (
     available_models,

@@ -1,0 +1,215 @@
+"""Flax Linen layers of behaviour (sequence) modelling: Dice, PReLU, DIN attention and the
+sequence DPO (paper §2.4; NOTES §5).
+
+Every layer takes a validity ``mask [B,L]`` (True = a real step) and is padding invariant: values
+at padded steps, or extra padded steps, never change an output (padded outputs are zero).  The
+formulas of the DPO layers live in :mod:`dpn_jax.dpo.sequence`; these modules own parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dpn_jax import dpo
+from dpn_jax.dpo import sequence as seq_dpo
+from dpn_jax.errors import ConfigError
+from dpn_jax.nn.dpo_layers import _declare
+from dpn_jax.nn.mlp import ACTIVATIONS
+
+Array = jax.Array
+
+DIN_WEIGHT_NORMS = ("none", "softmax")
+DPO_INPUTS = ("features", "behaviour")
+
+
+class Dice(nn.Module):
+    """Dice (Zhou et al., "Deep Interest Network", KDD 2018, Eqns. 9-10), per channel::
+
+        f(s) = p(s)·s + (1 − p(s))·α·s,     p(s) = sigmoid((s − E[s]) / sqrt(Var[s] + ε))
+
+    ``E, Var``: statistics of the mini-batch when training (over every axis but the last, and
+    only over ``mask``-ed positions when a mask is given), running averages in inference; kept
+    in a scale- and shift-free ``BatchNorm`` named ``bn`` (so ``bn_recalibrate`` re-estimates
+    them like any other BatchNorm).  ``α`` starts at 0 (DIN's code, DeepCTR, FuxiCTR).
+    ``momentum`` uses Flax's convention (0.9 = PyTorch's 0.1, FuxiCTR's Dice; DIN's TF code and
+    DeepCTR use 0.99, NOTES §8).  ``epsilon`` 1e-8 (DeepCTR; DIN's code: 1e-9).
+    """
+
+    momentum: float = 0.9
+    epsilon: float = 1e-8
+    alpha_init: float = 0.0
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False, mask: Array | None = None) -> Array:
+        m = None if mask is None else jnp.broadcast_to(mask[..., None], x.shape)
+        xn = nn.BatchNorm(use_running_average=not train, momentum=self.momentum,
+                          epsilon=self.epsilon, use_bias=False, use_scale=False, name="bn")(x, mask=m)
+        alpha = self.param("alpha", nn.initializers.constant(self.alpha_init), (x.shape[-1],))
+        p = jax.nn.sigmoid(xn)
+        return p * x + (1.0 - p) * alpha * x
+
+
+class PReLU(nn.Module):
+    """Per-channel PReLU ``max(0, s) + α·min(0, s)`` (He et al. 2015; DIN's alternative to Dice).
+    ``α`` starts at 0.25 (He et al.; PyTorch's default)."""
+
+    alpha_init: float = 0.25
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        alpha = self.param("alpha", nn.initializers.constant(self.alpha_init), (x.shape[-1],))
+        return jnp.where(x >= 0, x, alpha * x)
+
+
+def check_activation(name: str) -> str:
+    if name not in ("dice", "prelu") and name not in ACTIVATIONS:
+        raise ConfigError(f"unknown activation {name!r}; choose dice, prelu or one of "
+                          f"{sorted(ACTIVATIONS)}")
+    return name
+
+
+class Activation(nn.Module):
+    """An activation by name: ``dice`` and ``prelu`` (with parameters) or any of ``nn.mlp``'s."""
+
+    kind: str
+    momentum: float = 0.9
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False, mask: Array | None = None) -> Array:
+        kind = check_activation(self.kind)
+        if kind == "dice":
+            return Dice(self.momentum, name="dice")(x, train, mask)
+        if kind == "prelu":
+            return PReLU(name="prelu")(x)
+        return ACTIVATIONS[kind](x)
+
+
+class QueryBehaviourDPO(nn.Module):
+    """Heterogeneous query-behaviour DPO (NOTES §5): ``y_i = m_i (W(q) x_i + b(q))``.
+
+    ``x [B,L,m], q [B,c], mask [B,L] -> [B,L,features]``; one kernel per instance, generated from
+    the query by a :mod:`dpn_jax.dpo.generate` family (``"lowrank"``, Eqn. 5, by default) and
+    applied to every behaviour.  A fresh layer behaves like ``nn.Dense(features)`` on each step
+    (static part LeCun, dynamic part ``dynamic_scale`` of it).
+    """
+
+    features: int
+    generator: str = "lowrank"
+    rank: int = 4
+    heads: int = 1
+    num_kernels: int = 4
+    hidden_activation: str = "relu"
+    use_bias: bool = True
+    dynamic_scale: float = dpo.DEFAULT_DYNAMIC_SCALE
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, q: Array, mask: Array | None = None) -> Array:
+        if x.ndim != 3 or q.ndim != 2 or x.shape[0] != q.shape[0]:
+            raise ValueError(f"QueryBehaviourDPO expects x [B,L,m] and q [B,c], got {x.shape}, "
+                             f"{q.shape}")
+        gen = dpo.make_generator(
+            self.generator, x.shape[-1], self.features, q.shape[-1], rank=self.rank,
+            heads=self.heads, num_kernels=self.num_kernels, activation=self.hidden_activation,
+            use_bias=self.use_bias, dynamic_scale=self.dynamic_scale, dtype=self.param_dtype)
+        params = _declare(self, gen.init)
+        return seq_dpo.query_behaviour_apply(gen, params, x, q, mask)
+
+
+class DynamicConv(nn.Module):
+    """Homogeneous behaviour-behaviour DPO, a dynamic depthwise convolution (NOTES §5; formulas in
+    :mod:`dpn_jax.dpo.sequence`): ``x [B,L,d], mask [B,L] -> [B,L,d]``.
+
+    ``kernel_size`` odd (centred window, default 3); ``heads`` kernels per step (0 = one per
+    channel, the depthwise ``c = 1`` form of the paper); ``combine`` add | mul of the local and
+    global views; ``normalize``: softmax over the valid window slots.
+    Params: ``local_kernel [k,d]``, ``local_proj``/``global_proj [d,H·k]``, ``bias [H·k]``.
+    """
+
+    kernel_size: int = 3
+    heads: int = 0
+    combine: str = "add"
+    normalize: bool = True
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, mask: Array) -> Array:
+        if x.ndim != 3 or mask.shape != x.shape[:2]:
+            raise ValueError(f"DynamicConv expects x [B,L,d] and mask [B,L], got {x.shape}, "
+                             f"{mask.shape}")
+        d = x.shape[-1]
+        params = _declare(self, lambda key: seq_dpo.init_dynamic_conv(
+            key, d, self.kernel_size, self.heads, self.param_dtype))
+        return seq_dpo.dynamic_conv(params, x, mask, combine=self.combine,
+                                    normalize=self.normalize)
+
+
+class DINAttention(nn.Module):
+    """DIN's local activation unit (Zhou et al. 2018, §4.3, Fig. 2): attention pooling of the
+    behaviours by the query,  ``v = Σ_i m_i a(q, k_i) k_i``,  ``a = MLP([q, k_i, q−k_i, q⊙k_i])``.
+
+    ``q [B,d], keys [B,L,d], mask [B,L] -> [B,d]``.  ``weight_norm``: ``"none"`` (default, the
+    paper: "normalization with softmax ... is abandoned" to keep the intensity of interests) or
+    ``"softmax"`` over the valid steps (DIN's public code, which also scales by ``1/√d``).
+    ``hidden`` (80, 40) with ``act`` sigmoid: DIN's public code; ``"dice"`` uses statistics
+    over the valid steps only.  The output unit is linear.  An empty history pools to zeros.
+
+    ``dpo=True`` is the DPO-armed unit of the paper (§3.2, Table 5, NOTES §5): the FIRST layer of
+    the attention MLP becomes the heterogeneous query-behaviour DPO ``W(q) x_i + b(q)``, with
+    ``x_i`` the DIN features (``dpo_input="features"``, default: its static kernel is exactly
+    DIN's first Dense layer, so at init the unit is DIN's plus a small query-generated part) or
+    the behaviour alone (``"behaviour"``: the query enters only through the generated weights).
+    """
+
+    hidden: Sequence[int] = (80, 40)
+    act: str = "sigmoid"
+    weight_norm: str = "none"
+    momentum: float = 0.9
+    dpo: bool = False
+    dpo_input: str = "features"
+    generator: str = "lowrank"
+    rank: int = 4
+    heads: int = 1
+    num_kernels: int = 4
+
+    @nn.compact
+    def __call__(self, q: Array, keys: Array, mask: Array, train: bool = False,
+                 return_weights: bool = False) -> Array | tuple[Array, Array]:
+        """Pooled ``[B,d]`` (and the masked weights ``[B,L]``, zero on padded steps, when
+        ``return_weights``)."""
+        if keys.ndim != 3 or q.shape != (keys.shape[0], keys.shape[2]) or mask.shape != keys.shape[:2]:
+            raise ValueError(f"DINAttention expects q [B,d], keys [B,L,d], mask [B,L]; got "
+                             f"{q.shape}, {keys.shape}, {mask.shape}")
+        if self.weight_norm not in DIN_WEIGHT_NORMS:
+            raise ConfigError(f"DIN attention: weight_norm={self.weight_norm!r}; expected one of "
+                              f"{list(DIN_WEIGHT_NORMS)}")
+        if self.dpo_input not in DPO_INPUTS:
+            raise ConfigError(f"DIN attention: dpo_input={self.dpo_input!r}; expected one of "
+                              f"{list(DPO_INPUTS)}")
+        if self.dpo and not self.hidden:
+            raise ConfigError("DIN attention with dpo=True needs at least one hidden layer "
+                              "(the DPO replaces the first one)")
+        keys = jnp.where(mask[..., None], keys, 0)  # padded values never reach a parameter
+        qb = jnp.broadcast_to(q[:, None], keys.shape)
+        h = jnp.concatenate([qb, keys, qb - keys, qb * keys], axis=-1)
+        for i, width in enumerate(self.hidden):
+            if i == 0 and self.dpo:
+                x = h if self.dpo_input == "features" else keys
+                h = QueryBehaviourDPO(width, self.generator, self.rank, self.heads,
+                                      self.num_kernels, name="dpo_0")(x, q, mask)
+            else:
+                h = nn.Dense(width, name=f"dense_{i}")(h)
+            h = Activation(self.act, self.momentum, name=f"act_{i}")(h, train, mask)
+        s = nn.Dense(1, name="score")(h)[..., 0]
+        if self.weight_norm == "softmax":
+            s = jnp.where(mask, s / math.sqrt(keys.shape[-1]), -1e9)
+            s = jax.nn.softmax(s, axis=-1)
+        a = jnp.where(mask, s, 0)
+        pooled = jnp.einsum("bl,bld->bd", a, keys)
+        return (pooled, a) if return_weights else pooled
