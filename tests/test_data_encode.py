@@ -376,7 +376,7 @@ def test_interrupted_write_leaves_no_cache(tmp_path: Path, monkeypatch: pytest.M
 
 def test_load_dataset_dispatch_errors(tmp_path: Path) -> None:
     with pytest.raises(
-        DataError, match=r"unknown dataset 'criteo'.*\['frappe', 'synthetic'\].*\.yaml"
+        DataError, match=r"unknown dataset 'criteo'.*\['frappe', 'synthetic'.*'amazon_grocery'.*\].*\.yaml"
     ):
         load_dataset("criteo")
     with pytest.raises(DataError, match="apply only to the synthetic"):
