@@ -3,11 +3,13 @@
 from dpn_jax.models import (  # noqa: F401  (importing registers the models)
     cross_family,
     deep_family,
+    dien,
     dnn,
     dpn,
     fm_family,
     linear,
     sequence_family,
+    transformer_family,
 )
 from dpn_jax.models.registry import (
     available_models,

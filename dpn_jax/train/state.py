@@ -94,6 +94,19 @@ def bce_with_logits(logits: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
     return optax.sigmoid_binary_cross_entropy(logits, labels)
 
 
+AUX_LOSSES = "losses"
+
+
+def aux_loss(updates: dict) -> jnp.ndarray:
+    """The sum of the scalars a model sowed into the ``"losses"`` collection in train mode.
+
+    A model with an auxiliary objective (DIEN's next-behaviour loss) calls
+    ``self.sow("losses", name, weight * value)``; the train step adds it to the data loss (the
+    reported loss stays the data loss).  Models that sow nothing add exactly zero."""
+    leaves = jax.tree.leaves(updates.get(AUX_LOSSES, {}))
+    return sum((jnp.sum(x) for x in leaves), jnp.zeros((), jnp.float32))
+
+
 REGULARIZERS = {"embedding_l2": EMBEDDING_PARAMS, "net_l2": ("kernel",)}
 
 
@@ -112,14 +125,13 @@ def make_train_step(model: nn.Module, cfg: TrainConfig, tx: optax.GradientTransf
     static_coefs = regularizer_coefficients(cfg)
 
     def loss_fn(params, batch_stats, batch, rng, coefs):
+        variables = {"params": params}
         if batch_stats:
-            logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, batch,
-                                          train=True, rngs={"dropout": rng}, mutable=["batch_stats"])
-        else:
-            logits, updates = model.apply({"params": params}, batch, train=True,
-                                          rngs={"dropout": rng}), {}
+            variables["batch_stats"] = batch_stats
+        logits, updates = model.apply(variables, batch, train=True, rngs={"dropout": rng},
+                                      mutable=["batch_stats", AUX_LOSSES])
         data_loss = jnp.mean(bce_with_logits(logits, batch["label"]))
-        loss = data_loss
+        loss = data_loss + aux_loss(updates)
         for name, coef in coefs.items():
             loss = loss + coef * _l2(params, REGULARIZERS[name])
         return loss, (data_loss, updates.get("batch_stats", batch_stats))

@@ -1,0 +1,306 @@
+"""Attention-based behaviour models beyond DIN: KFAtt, the Transformer baseline (BST), the DPN
+paper's sDPN (Table 4) and DyJoint (Table 6).  Layers in :mod:`dpn_jax.nn.transformer_layers`.
+
+All share DIN's structure (:mod:`dpn_jax.models.sequence_family`): field embeddings of every
+field; for each attention group (``attention_groups`` joint | pair) the target's embeddings are
+the query and the histories' concatenated embeddings the behaviours, and the group's pooled
+interest (``[B, D]``, ``D`` = the group's concatenated size) replaces the history slots among the
+field embeddings (split back per history); all slots are flattened -> a tower -> a logit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from dpn_jax.data.schema import Schema
+from dpn_jax.errors import ConfigError
+from dpn_jax.models.dpn import context_fields, dpo_layer_indices
+from dpn_jax.models.registry import register
+from dpn_jax.models.sequence_family import SequenceTower, attention_groups
+from dpn_jax.nn.dpo_context import FieldContextDPO
+from dpn_jax.nn.dpo_layers import FeatureDPO
+from dpn_jax.nn.dropout import Dropout16, dropout_active
+from dpn_jax.nn.embedding import FieldEmbedding, embedded_field_names
+from dpn_jax.nn.mlp import activation
+from dpn_jax.nn.sequence_layers import check_activation
+from dpn_jax.nn.transformer_layers import (
+    DECODERS,
+    ENCODERS,
+    BehaviourTransformer,
+    KalmanAttention,
+    check_choice,
+    duplicate_counts,
+)
+
+Array = Any
+# pool(g, q [B,D], behaviours [B,L,D], mask [B,L], ids [B,L,G]) -> interest [B,D]
+Pool = Callable[[int, Array, Array, Array, Array], Array]
+
+
+def with_interests(schema: Schema, grouping: str, embedding: FieldEmbedding, e: Array,
+                   batch: dict, pool: Pool) -> Array:
+    """``e [B,F,d]`` with each history slot replaced by its attention group's pooled interest.
+
+    Per group (:func:`attention_groups`): ``q`` = the targets' embeddings concatenated, the
+    behaviours = the histories' embeddings concatenated, the mask = the AND of the histories'
+    masks, ``ids [B,L,G]`` = the raw ids of the histories (``batch["seq/<name>"]``).  The pooled
+    ``[B, G·d]`` is split back into the ``G`` slots.  No group: ``e`` unchanged.
+    """
+    groups = attention_groups(schema, grouping)
+    if not groups:
+        return e
+    d = e.shape[-1]
+    names = embedded_field_names(schema)
+    seqs = embedding.embed_sequences(batch)
+    slots = [e[:, i] for i in range(e.shape[1])]
+    for g, group in enumerate(groups):
+        q = jnp.concatenate([e[:, names.index(t)] for t, _ in group], axis=-1)
+        x = jnp.concatenate([seqs[h][0] for _, h in group], axis=-1)
+        mask = seqs[group[0][1]][1]
+        for _, h in group[1:]:
+            mask = mask & seqs[h][1]
+        ids = jnp.stack([batch[f"seq/{h}"] for _, h in group], axis=-1)
+        v = pool(g, q, x, mask, ids)
+        for j, (_, h) in enumerate(group):
+            slots[names.index(h)] = v[:, j * d:(j + 1) * d]
+    return jnp.stack(slots, axis=1)
+
+
+def check_unit_options(m: nn.Module) -> None:
+    """The options of the Transformer unit that are checkable before any layer is built."""
+    for name in ("blocks", "ffn_dim", "max_positions"):
+        if getattr(m, name) < 0:
+            raise ConfigError(f"{name}={getattr(m, name)}; expected >= 0")
+    if m.heads < 1:
+        raise ConfigError(f"heads={m.heads}; expected >= 1 (and dividing the behaviour size)")
+    if not 0 <= m.encoder_dropout < 1:
+        raise ConfigError(f"encoder_dropout={m.encoder_dropout}; expected 0 <= rate < 1")
+    check_choice("encoder", getattr(m, "encoder", "mhsa"), ENCODERS)
+    check_choice("decoder", getattr(m, "decoder", "attention"), DECODERS)
+
+
+class _InterestModel(nn.Module):
+    """DIN's structure with a pluggable attention unit (``pool``); the tower as DIN's."""
+
+    schema: Schema
+    embedding_dim: int = 10
+    hidden: Sequence[int] = (200, 80)
+    act: str = "dice"
+    batch_norm: bool = False
+    dropout: float = 0.0
+    bn_momentum: float = 0.9
+    attention_groups: str = "joint"
+
+    def check_options(self) -> None:
+        check_activation(self.act)
+
+    def pool(self, g: int, q: Array, x: Array, mask: Array, ids: Array, train: bool) -> Array:
+        raise NotImplementedError
+
+    @nn.compact
+    def __call__(self, batch, train: bool = False) -> jnp.ndarray:
+        self.check_options()
+        embedding = FieldEmbedding(self.schema, dim=self.embedding_dim, name="embedding")
+        e = embedding(batch)
+        e = with_interests(self.schema, self.attention_groups, embedding, e, batch,
+                           lambda *a: self.pool(*a, train))
+        h = SequenceTower(tuple(self.hidden), self.act, self.batch_norm, self.dropout,
+                          self.bn_momentum, name="mlp")(e.reshape(e.shape[0], -1), train)
+        return nn.Dense(1, name="out")(h)[:, 0]
+
+
+@register("kfatt")
+class KFAtt(_InterestModel):
+    """Kalman Filtering Attention as DIN's attention unit (Liu et al., NeurIPS 2020; the DPN
+    paper's strongest sequence baseline, Tables 4-5).
+
+    Per attention group, :class:`~dpn_jax.nn.transformer_layers.KalmanAttention` (formulas,
+    derivation of the frequency capping and reading of the paper there): multi-head softmax over
+    ``[prior, valid behaviours]`` with logits ``[−log σ_q², s_i − log(n_i σ̃_i² + σ_i²)]`` mixing
+    ``[μ_q, v_i]``; ``μ_q, σ_q²`` from the target, ``σ_i², σ̃_i²`` from each behaviour (one Dense
+    layer each), ``n_i`` the number of valid steps of the history with the same raw ids as step
+    ``i`` (all histories of the group equal).  An empty history pools to the prior mean ``μ_q``
+    (through the output projection), not to zeros: the paper's point for new interests.
+
+    Options: ``frequency_capping`` True (KFAtt-freq, the paper's full model; False = KFAtt-base);
+    ``heads`` 2 (a choice: multi-head as the paper's KFAtt and the ``bst`` default here; the
+    paper's Amazon head count is not given in the DPN paper).  Everything else as ``din``: tower
+    (200, 80) with Dice, no BatchNorm, Dice momentum 0.9, embedding 10, ``attention_groups``
+    joint."""
+
+    heads: int = 2
+    frequency_capping: bool = True
+
+    def check_options(self) -> None:
+        super().check_options()
+        if self.heads < 1:
+            raise ConfigError(f"heads={self.heads}; expected >= 1 (and dividing the behaviour "
+                              f"size)")
+
+    def pool(self, g, q, x, mask, ids, train):
+        counts = duplicate_counts(ids, mask) if self.frequency_capping else None
+        return KalmanAttention(self.heads, self.frequency_capping, name=f"attention_{g}")(
+            q, x, mask, counts)
+
+
+@register("bst")
+class BST(_InterestModel):
+    """Transformer baseline (the KFAtt/DPN papers' "Transformer"; encoder from BST, Chen et al.
+    2019): a Transformer encoder over the behaviours, then multi-head target attention.
+
+    Per attention group: behaviours + learned positional embeddings (index in the history,
+    ``max_positions`` rows, 0 = the history length; later steps share the last row) -> ``blocks``
+    post-LN blocks of masked multi-head self-attention and a ReLU FFN with residuals
+    (``ffn_dim`` 0 = 4 × the group size, Vaswani et al.; ``encoder_dropout`` on both residual
+    branches, 0 by default, BST used 0.2) -> target attention of the projected target embedding
+    over the encoder outputs (masked softmax, ``heads`` heads, concatenated -> Dense) = the
+    pooled interest.  Encoder outputs at padded steps are zero and never attended to.
+
+    Defaults: ``blocks`` 1 (BST's best), ``heads`` 2 (a choice: the group size, 2 × 10 in the
+    joint setting, splits into 2 heads of 10; BST used 8 heads on larger embeddings); tower,
+    embedding and ``attention_groups`` as ``din`` (200, 80 Dice).  ``bst`` is ``bst_dpo`` with
+    ``encoder=mhsa, decoder=attention`` (same parameters)."""
+
+    blocks: int = 1
+    heads: int = 2
+    ffn_dim: int = 0
+    encoder_dropout: float = 0.0
+    max_positions: int = 0
+
+    def check_options(self) -> None:
+        super().check_options()
+        check_unit_options(self)
+
+    def unit_options(self) -> dict:
+        return dict(blocks=self.blocks, heads=self.heads, ffn_dim=self.ffn_dim,
+                    dropout=self.encoder_dropout, max_positions=self.max_positions)
+
+    def pool(self, g, q, x, mask, ids, train):
+        return BehaviourTransformer(**self.unit_options(), name=f"transformer_{g}")(
+            q, x, mask, train)
+
+
+@register("bst_dpo")
+class BSTDPO(BST):
+    """sDPN: the Transformer with sequence-based DPO (DPN paper §2.4, §3.2 Table 4; NOTES §5).
+
+    ``encoder``: ``mhsa`` (BST) | ``dpo`` (the homogeneous behaviour-behaviour DPO, a dynamic
+    depthwise convolution, replaces the self-attention) | ``mhsa+dpo`` (default, sDPN: both as
+    parallel branches summed before the residual + LayerNorm).  ``decoder``: ``attention`` (BST)
+    | ``dpo`` (masked mean of the heterogeneous DPO outputs ``W(q) h_i + b(q)``) |
+    ``attention+dpo`` (default, sDPN: target attention whose values are those DPO outputs).
+    Every cell of Table 4 is ``--set encoder=... --set decoder=...``; ``mhsa``/``attention`` is
+    exactly ``bst``.
+
+    Homogeneous DPO: ``kernel_size`` 3 (centred window), ``conv_heads`` 0 (one kernel per
+    channel, the paper's depthwise ``c = 1``), ``combine`` add (local + global view; "mul" the
+    multiplicative reading), see :class:`~dpn_jax.nn.sequence_layers.DynamicConv`.
+    Heterogeneous DPO: ``generator`` lowrank (Eqn. 5) with ``rank`` 4, ``generator_heads`` 1,
+    ``num_kernels`` 4 (mixture), the target embedding as the context.  Everything else as
+    ``bst``."""
+
+    encoder: str = "mhsa+dpo"
+    decoder: str = "attention+dpo"
+    kernel_size: int = 3
+    conv_heads: int = 0
+    combine: str = "add"
+    generator: str = "lowrank"
+    rank: int = 4
+    generator_heads: int = 1
+    num_kernels: int = 4
+
+    def unit_options(self) -> dict:
+        return dict(super().unit_options(), encoder=self.encoder, decoder=self.decoder,
+                    kernel_size=self.kernel_size, conv_heads=self.conv_heads,
+                    combine=self.combine, generator=self.generator, rank=self.rank,
+                    generator_heads=self.generator_heads, num_kernels=self.num_kernels)
+
+
+@register("dyjoint")
+class DyJoint(nn.Module):
+    """DyJoint (DPN paper Table 6): the feature-based DPN over the field embeddings whose history
+    slots hold the sDPN pooled interests (feature + sequence DPO together).
+
+    Sequence part: per attention group the ``bst_dpo`` unit (encoder ``mhsa+dpo``, decoder
+    ``attention+dpo`` by default; ``blocks``, ``heads``, ``ffn_dim``, ``encoder_dropout``,
+    ``max_positions``, ``kernel_size``, ``conv_heads``, ``combine`` as there) replaces the
+    history slots, as in DIN.  Feature part: the ``dpn`` tower over the flattened slots, its
+    ``dpo_layers`` (first) a feature DPO ``W(z) x + b(z)`` with ``context`` input (the flattened
+    slots, interests included) | other_fields | field names, the other layers the protocol MLP
+    (400-400-400, BatchNorm, ReLU: ``dpn``'s defaults).  ``generator``/``rank``/
+    ``generator_heads``/``num_kernels`` are shared by the feature DPO and the heterogeneous
+    sequence DPO (lowrank, rank 4; the paper's production model used a multi-head feature DPO,
+    ``--set generator_heads=...``).  ``heads`` are the attention heads (``dpn``'s ``heads`` is
+    ``generator_heads`` here).  The paper gives no further detail of its production layout."""
+
+    schema: Schema
+    embedding_dim: int = 10
+    hidden: Sequence[int] = (400, 400, 400)
+    batch_norm: bool = True
+    dropout: float = 0.0
+    act: str = "relu"
+    bn_momentum: float = 0.9
+    dpo_layers: str = "first"
+    context: str = "input"
+    generator: str = "lowrank"
+    rank: int = 4
+    generator_heads: int = 1
+    num_kernels: int = 4
+    attention_groups: str = "joint"
+    blocks: int = 1
+    heads: int = 2
+    ffn_dim: int = 0
+    encoder_dropout: float = 0.0
+    max_positions: int = 0
+    encoder: str = "mhsa+dpo"
+    decoder: str = "attention+dpo"
+    kernel_size: int = 3
+    conv_heads: int = 0
+    combine: str = "add"
+
+    @nn.compact
+    def __call__(self, batch, train: bool = False) -> jnp.ndarray:
+        check_unit_options(self)
+        hidden = tuple(self.hidden)
+        layers = dpo_layer_indices(self.dpo_layers, len(hidden))
+        ctx_idx = context_fields(self.context, self.schema)
+        f = activation(self.act)
+        embedding = FieldEmbedding(self.schema, dim=self.embedding_dim, name="embedding")
+        e = embedding(batch)
+
+        def pool(g, q, x, mask, ids):
+            return BehaviourTransformer(
+                self.blocks, self.heads, self.ffn_dim, self.encoder_dropout, self.encoder,
+                self.decoder, self.max_positions, self.kernel_size, self.conv_heads,
+                self.combine, self.generator, self.rank, self.generator_heads,
+                self.num_kernels, name=f"transformer_{g}")(q, x, mask, train)
+
+        e = with_interests(self.schema, self.attention_groups, embedding, e, batch, pool)
+        # the tower of dpn.DPN over the slots (same layer names)
+        flat = e.reshape(e.shape[0], -1)
+        z = flat if ctx_idx is None else e[:, jnp.asarray(ctx_idx)].reshape(e.shape[0], -1)
+        gen_kw = dict(generator=self.generator, rank=self.rank, heads=self.generator_heads,
+                      num_kernels=self.num_kernels, use_bias=not self.batch_norm)
+        h = flat
+        for i, width in enumerate(hidden):
+            if i in layers and i == 0 and self.context == "other_fields":
+                h = FieldContextDPO(width, **gen_kw, name=f"dpo_{i}")(e)
+            elif i in layers:
+                h = FeatureDPO(width, **gen_kw, name=f"dpo_{i}")(h, z)
+            else:
+                h = nn.Dense(width, use_bias=not self.batch_norm,
+                             kernel_init=nn.initializers.glorot_normal(), name=f"dense_{i}")(h)
+            if self.batch_norm:
+                h = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+                                 name=f"bn_{i}")(h)
+            h = f(h)
+            if dropout_active(self.dropout):
+                h = Dropout16(self.dropout)(h, deterministic=not train)
+        return nn.Dense(1, name="out")(h)[:, 0]
+
+
+__all__ = ["BST", "BSTDPO", "DECODERS", "ENCODERS", "DyJoint", "KFAtt", "with_interests"]
