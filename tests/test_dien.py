@@ -196,6 +196,20 @@ def test_dien_options_and_errors():
     assert (dpo_opts["generator"], dpo_opts["rank"], dpo_opts["heads"],
             dpo_opts["num_kernels"]) == ("lowrank", 4, 1, 4)
     batch = jbatch(make_split(4, 0))
+    # one unit per history with attention_groups="pair": its own GRUs and auxiliary network;
+    # gru_dim != the behaviour size projects the target to the interest size for the attention
+    pair = build_model("dien", seq_schema(), **SMALL, attention_groups="pair", gru_dim=5)
+    shapes = jax.eval_shape(pair.init, jax.random.PRNGKey(0), batch)["params"]
+    for g in (0, 1):
+        assert shapes[f"extractor_{g}"]["input_kernel"].shape == (4, 15)
+        assert shapes[f"evolution_{g}"]["hidden_kernel"].shape == (5, 15)
+        assert shapes[f"aux_{g}"]["dense_0"]["kernel"].shape == (5 + 4, 5)
+        assert shapes[f"query_{g}"]["kernel"].shape == (4, 5)
+    assert shapes["mlp"]["dense_0"]["kernel"].shape == (5 * 4 + 2 * 5, 8)
+    agru = jax.eval_shape(build_model("dien", seq_schema(), **SMALL, evolution="agru").init,
+                          jax.random.PRNGKey(0), batch)["params"]
+    assert agru["evolution_0"]["hidden_kernel"].shape == (8, 16)  # r, c blocks only
+    assert "query_0" not in agru
     for bad, match in ((dict(evolution="lstm"), r"evolution='lstm'.*augru.*agru.*aigru"),
                        (dict(gru_dim=-1), "gru_dim"), (dict(aux_loss_weight=-1.0), "aux_loss")):
         model = build_model("dien", seq_schema(), **SMALL, **bad)
@@ -215,8 +229,8 @@ def short_histories(split):
 MODEL_CASES = [
     ("dien", {}),
     # agru is padding invariant as a layer (above); here the other evolutions and options
-    ("dien_dpo", dict(evolution="aigru", attention_groups="pair", gru_dim=5, attention_act="dice",
-                      dpo_input="behaviour", act="relu", batch_norm=True, dropout=0.1)),
+    ("dien_dpo", dict(evolution="aigru", gru_dim=5, attention_act="dice", dpo_input="behaviour",
+                      act="relu", batch_norm=True, dropout=0.1)),
 ]
 
 
@@ -296,13 +310,12 @@ class TestDIEN(chex.TestCase):
             out, upd = model.apply({**v, "params": params}, batch, train=True,
                                    mutable=["batch_stats", "losses"],
                                    rngs={"dropout": jax.random.PRNGKey(1)})
-            return jnp.mean(out ** 2) + upd["losses"]["dien_aux"][0]
+            return jnp.mean(out ** 2) + upd["losses"]["dien_aux"][0], out
 
-        logits = self.variant(model.apply)(v, batch)
+        # one pass for the logits and the gradient (each eager pass costs seconds)
+        (_, logits), g = self.variant(jax.value_and_grad(loss, has_aux=True))(v["params"], batch)
         chex.assert_shape(logits, (16,))
-        chex.assert_tree_all_finite(logits)
-        g = self.variant(jax.grad(loss))(v["params"], batch)
-        chex.assert_tree_all_finite(g)
+        chex.assert_tree_all_finite((logits, g))
         # every stage is used: its parameters receive gradient
         for stage in ("extractor_0", "attention_0", "evolution_0", "aux_0"):
             assert sum(np.abs(np.asarray(t)).sum() for t in jax.tree.leaves(g[stage])) > 0, stage
@@ -313,15 +326,15 @@ def test_training_beats_chance_and_optimises_the_aux_loss():
     from dpn_jax.train.loop import fit
 
     data = tiny_dataset()
-    model = build_model("dien", data.schema, embedding_dim=8, hidden=(32, 16),
-                        attention_hidden=(16, 8), aux_hidden=(16,))
-    cfg = TrainConfig(batch_size=150, max_epochs=3, patience=3, lr=3e-3, eval_batch_size=1000,
-                      bn_recalibrate=False)
+    model = build_model("dien", data.schema, embedding_dim=8, hidden=(32,),
+                        attention_hidden=(16,), aux_hidden=(16,))
+    cfg = TrainConfig(batch_size=150, max_epochs=5, patience=5, lr=3e-3, eval_batch_size=1000,
+                      bn_recalibrate=False)  # compiling dominates: each epoch costs ~0.3 s
     aux_params = []
     res = fit(model, data, cfg, log=lambda s: None, progress=False,
               on_epoch=lambda e, st: aux_params.append(jax.tree.map(np.array, st.params["aux_0"])))
-    assert res.history[-1]["train_loss"] < res.history[0]["train_loss"] - 0.03, res.history
-    assert res.test["auc"] > 0.6, res.history
+    assert res.history[-1]["train_loss"] < res.history[0]["train_loss"] - 0.05, res.history
+    assert res.test["auc"] > 0.65, res.history
     # make_train_step optimises data loss + aux: the auxiliary network, whose only gradient is
     # the auxiliary term's, moves from epoch to epoch
     moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), aux_params[0], aux_params[-1])

@@ -14,7 +14,8 @@ validity ``m_t``:
 
    averaged over those pairs of the whole batch (DIEN's public code averages over all ``B·(L−1)``
    slots, padded ones counting zero); ``s`` an MLP (``aux_hidden`` with sigmoid, DIEN's public
-   code; it has a BatchNorm first and a 2-way softmax output, here a single logit).  Negatives
+   code; it has a BatchNorm first and a 2-way softmax output, here a single logit), summed
+   over the attention units (one unit in DIEN's setting).  Negatives
    ``e⁻``: the behaviour at the same position of ANOTHER row of the batch, the rows matched by a
    random derangement (one random cycle through the batch, :func:`negative_rows`, drawn from the
    ``"dropout"`` rng), a pair counting only where that row's step is valid.  This keeps the item
@@ -94,8 +95,10 @@ class AuxiliaryNet(nn.Module):
 
 @register("dien")
 class DIEN(nn.Module):
-    """Deep Interest Evolution Network: GRU interest extractor + auxiliary loss, target attention
-    and AUGRU interest evolution per behaviour history -> MLP (Dice).
+    """Deep Interest Evolution Network: GRU interest extractor, auxiliary loss, AUGRU evolution.
+
+    Per behaviour history: GRU interest states (+ the auxiliary next-behaviour loss in training),
+    target attention over them, AUGRU interest evolution; then the tower (MLP with Dice).
 
     Zhou et al., AAAI 2019 (module doc of :mod:`dpn_jax.models.dien` for the formulas).  The tower
     input is every field embedding flattened, each history slot being the masked mean of its
