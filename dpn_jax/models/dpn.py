@@ -46,6 +46,39 @@ def context_fields(spec: str, schema: Schema) -> list[int] | None:
     return [names.index(w) for w in wanted]
 
 
+def dpn_tower(m: nn.Module, e: jnp.ndarray, train: bool, *, generator_heads: int) -> jnp.ndarray:
+    """The hidden layers of the feature DPN over field slots ``e [B,F,d]`` -> ``[B, hidden[-1]]``.
+
+    Called inside the compact ``__call__`` of ``m`` (``DPN``, ``DyJoint``), so the layers are
+    ``m``'s own submodules named ``dpo_<i>``/``dense_<i>``/``bn_<i>``; ``m`` supplies ``schema``,
+    ``hidden``, ``batch_norm``, ``dropout``, ``act``, ``bn_momentum``, ``dpo_layers``, ``context``,
+    ``generator``, ``rank``, ``num_kernels``."""
+    hidden = tuple(m.hidden)
+    layers = dpo_layer_indices(m.dpo_layers, len(hidden))
+    ctx_idx = context_fields(m.context, m.schema)
+    flat = e.reshape(e.shape[0], -1)
+    z = flat if ctx_idx is None else e[:, jnp.asarray(ctx_idx)].reshape(e.shape[0], -1)
+    gen_kw = dict(generator=m.generator, rank=m.rank, heads=generator_heads,
+                  num_kernels=m.num_kernels, use_bias=not m.batch_norm)
+    f = activation(m.act)
+    h = flat
+    for i, width in enumerate(hidden):
+        if i in layers and i == 0 and m.context == "other_fields":
+            h = FieldContextDPO(width, **gen_kw, name=f"dpo_{i}")(e)
+        elif i in layers:
+            h = FeatureDPO(width, **gen_kw, name=f"dpo_{i}")(h, z)
+        else:
+            h = nn.Dense(width, use_bias=not m.batch_norm,
+                         kernel_init=nn.initializers.glorot_normal(), name=f"dense_{i}")(h)
+        if m.batch_norm:
+            h = nn.BatchNorm(use_running_average=not train, momentum=m.bn_momentum,
+                             name=f"bn_{i}")(h)
+        h = f(h)
+        if dropout_active(m.dropout):
+            h = Dropout16(m.dropout)(h, deterministic=not train)
+    return h
+
+
 @register("dpn")
 class DPN(nn.Module):
     """Feature-based DPN ("DyMLP"): the DNN with DPO layers y = W(z)x + b(z) in place of dense ones.
@@ -74,30 +107,8 @@ class DPN(nn.Module):
 
     @nn.compact
     def __call__(self, batch, train: bool = False) -> jnp.ndarray:
-        hidden = tuple(self.hidden)
-        layers = dpo_layer_indices(self.dpo_layers, len(hidden))
-        ctx_idx = context_fields(self.context, self.schema)
         e = FieldEmbedding(self.schema, dim=self.embedding_dim, name="embedding")(batch)
-        flat = e.reshape(e.shape[0], -1)
-        z = flat if ctx_idx is None else e[:, jnp.asarray(ctx_idx)].reshape(e.shape[0], -1)
-        gen_kw = dict(generator=self.generator, rank=self.rank, heads=self.heads,
-                      num_kernels=self.num_kernels, use_bias=not self.batch_norm)
-        f = activation(self.act)
-        h = flat
-        for i, width in enumerate(hidden):
-            if i in layers and i == 0 and self.context == "other_fields":
-                h = FieldContextDPO(width, **gen_kw, name=f"dpo_{i}")(e)
-            elif i in layers:
-                h = FeatureDPO(width, **gen_kw, name=f"dpo_{i}")(h, z)
-            else:
-                h = nn.Dense(width, use_bias=not self.batch_norm,
-                             kernel_init=nn.initializers.glorot_normal(), name=f"dense_{i}")(h)
-            if self.batch_norm:
-                h = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
-                                 name=f"bn_{i}")(h)
-            h = f(h)
-            if dropout_active(self.dropout):
-                h = Dropout16(self.dropout)(h, deterministic=not train)
+        h = dpn_tower(self, e, train, generator_heads=self.heads)
         return nn.Dense(1, name="out")(h)[:, 0]
 
 

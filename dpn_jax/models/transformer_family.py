@@ -18,14 +18,10 @@ import jax.numpy as jnp
 
 from dpn_jax.data.schema import Schema
 from dpn_jax.errors import ConfigError
-from dpn_jax.models.dpn import context_fields, dpo_layer_indices
+from dpn_jax.models.dpn import dpn_tower
 from dpn_jax.models.registry import register
 from dpn_jax.models.sequence_family import SequenceTower, attention_groups
-from dpn_jax.nn.dpo_context import FieldContextDPO
-from dpn_jax.nn.dpo_layers import FeatureDPO
-from dpn_jax.nn.dropout import Dropout16, dropout_active
 from dpn_jax.nn.embedding import FieldEmbedding, embedded_field_names
-from dpn_jax.nn.mlp import activation
 from dpn_jax.nn.sequence_layers import check_activation
 from dpn_jax.nn.transformer_layers import (
     DECODERS,
@@ -115,8 +111,9 @@ class _InterestModel(nn.Module):
 
 @register("kfatt")
 class KFAtt(_InterestModel):
-    """Kalman Filtering Attention as DIN's attention unit (Liu et al., NeurIPS 2020; the DPN
-    paper's strongest sequence baseline, Tables 4-5).
+    """Kalman Filtering Attention (Liu et al., NeurIPS 2020) as DIN's attention unit.
+
+    The DPN paper's strongest sequence baseline (Tables 4-5).
 
     Per attention group, :class:`~dpn_jax.nn.transformer_layers.KalmanAttention` (formulas,
     derivation of the frequency capping and reading of the paper there): multi-head softmax over
@@ -127,8 +124,8 @@ class KFAtt(_InterestModel):
     (through the output projection), not to zeros: the paper's point for new interests.
 
     Options: ``frequency_capping`` True (KFAtt-freq, the paper's full model; False = KFAtt-base);
-    ``heads`` 2 (a choice: multi-head as the paper's KFAtt and the ``bst`` default here; the
-    paper's Amazon head count is not given in the DPN paper).  Everything else as ``din``: tower
+    ``heads`` 2 (our choice, the same as ``bst``: neither the DPN paper nor its NOTES state the
+    head count of KFAtt on Amazon).  Everything else as ``din``: tower
     (200, 80) with Dice, no BatchNorm, Dice momentum 0.9, embedding 10, ``attention_groups``
     joint."""
 
@@ -149,8 +146,9 @@ class KFAtt(_InterestModel):
 
 @register("bst")
 class BST(_InterestModel):
-    """Transformer baseline (the KFAtt/DPN papers' "Transformer"; encoder from BST, Chen et al.
-    2019): a Transformer encoder over the behaviours, then multi-head target attention.
+    """Transformer baseline: BST's encoder over the behaviours + multi-head target attention.
+
+    The KFAtt/DPN papers' "Transformer" (Tables 4-5); the encoder from BST (Chen et al. 2019).
 
     Per attention group: behaviours + learned positional embeddings (index in the history,
     ``max_positions`` rows, 0 = the history length; later steps share the last row) -> ``blocks``
@@ -222,8 +220,10 @@ class BSTDPO(BST):
 
 @register("dyjoint")
 class DyJoint(nn.Module):
-    """DyJoint (DPN paper Table 6): the feature-based DPN over the field embeddings whose history
-    slots hold the sDPN pooled interests (feature + sequence DPO together).
+    """DyJoint (DPN paper Table 6): feature-based DPN tower + sDPN behaviour interests.
+
+    The feature-based DPN over the field embeddings whose history slots hold the sDPN pooled
+    interests (feature + sequence DPO together).
 
     Sequence part: per attention group the ``bst_dpo`` unit (encoder ``mhsa+dpo``, decoder
     ``attention+dpo`` by default; ``blocks``, ``heads``, ``ffn_dim``, ``encoder_dropout``,
@@ -265,10 +265,6 @@ class DyJoint(nn.Module):
     @nn.compact
     def __call__(self, batch, train: bool = False) -> jnp.ndarray:
         check_unit_options(self)
-        hidden = tuple(self.hidden)
-        layers = dpo_layer_indices(self.dpo_layers, len(hidden))
-        ctx_idx = context_fields(self.context, self.schema)
-        f = activation(self.act)
         embedding = FieldEmbedding(self.schema, dim=self.embedding_dim, name="embedding")
         e = embedding(batch)
 
@@ -280,26 +276,7 @@ class DyJoint(nn.Module):
                 self.num_kernels, name=f"transformer_{g}")(q, x, mask, train)
 
         e = with_interests(self.schema, self.attention_groups, embedding, e, batch, pool)
-        # the tower of dpn.DPN over the slots (same layer names)
-        flat = e.reshape(e.shape[0], -1)
-        z = flat if ctx_idx is None else e[:, jnp.asarray(ctx_idx)].reshape(e.shape[0], -1)
-        gen_kw = dict(generator=self.generator, rank=self.rank, heads=self.generator_heads,
-                      num_kernels=self.num_kernels, use_bias=not self.batch_norm)
-        h = flat
-        for i, width in enumerate(hidden):
-            if i in layers and i == 0 and self.context == "other_fields":
-                h = FieldContextDPO(width, **gen_kw, name=f"dpo_{i}")(e)
-            elif i in layers:
-                h = FeatureDPO(width, **gen_kw, name=f"dpo_{i}")(h, z)
-            else:
-                h = nn.Dense(width, use_bias=not self.batch_norm,
-                             kernel_init=nn.initializers.glorot_normal(), name=f"dense_{i}")(h)
-            if self.batch_norm:
-                h = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
-                                 name=f"bn_{i}")(h)
-            h = f(h)
-            if dropout_active(self.dropout):
-                h = Dropout16(self.dropout)(h, deterministic=not train)
+        h = dpn_tower(self, e, train, generator_heads=self.generator_heads)
         return nn.Dense(1, name="out")(h)[:, 0]
 
 

@@ -281,7 +281,6 @@ class BehaviourTransformer(nn.Module):
     def __call__(self, q: Array, x: Array, mask: Array, train: bool = False) -> Array:
         check_choice("encoder", self.encoder, ENCODERS)
         check_choice("decoder", self.decoder, DECODERS)
-        head_dim(x.shape[-1], self.heads)
         h = TransformerEncoder(self.blocks, self.heads, self.ffn_dim, self.dropout, self.encoder,
                                self.max_positions, self.kernel_size, self.conv_heads,
                                self.combine, name="encoder")(x, mask, train)
@@ -319,9 +318,12 @@ class KalmanAttention(nn.Module):
     computed in that softmax form (stable for any variances: the log-variances are unbounded
     network outputs, the "exp of a log" parametrisation, and enter only as logit shifts).
 
-    KFAtt-freq (``frequency_capping=True``, default: the paper's full model).  Reading of the
-    paper (§3.3, "frequency capping"): a behaviour ``j`` the user repeated ``n_j`` times is ONE
-    sensor with ``n_j`` noisy measurements.  Its true value ``v_j`` deviates from the interest by
+    KFAtt-freq (``frequency_capping=True``, default: the paper's full model).  Our reading of
+    the paper's frequency capping: in its search setting each DEDUPLICATED historical query is
+    one sensor and the clicks under it are repeated noisy measurements; in the DIN/Amazon
+    setting behaviours carry no query, so a behaviour is identified by its raw ids (every history
+    of the attention group).  A behaviour ``j`` repeated ``n_j`` times is ONE sensor with ``n_j``
+    noisy measurements.  Its true value ``v_j`` deviates from the interest by
     a per-behaviour system error ``σ̃_j²``; each click measures ``v_j`` with error ``σ_j²``, so
     the mean of the ``n_j`` measurements observes ``v_q`` with variance ``σ̃_j² + σ_j²/n_j``::
 
@@ -339,7 +341,9 @@ class KalmanAttention(nn.Module):
     freq differs from base only by ``σ̃_i²`` added to ``σ_i²``; with ``σ̃ → 0`` it is base.
 
     An empty history gives the prior mean ``μ_q``; ``σ_q² → ∞`` with equal ``σ_i`` gives plain
-    softmax attention.  Heads are concatenated -> Dense ``out`` (``D``).
+    softmax attention.  Heads are concatenated -> Dense ``out`` (``D``).  Params: Dense
+    ``query, key, value, out`` (``D``), ``prior_mean`` (``D``), ``prior_logvar``,
+    ``measurement_logvar`` and (freq only) ``system_logvar`` (``heads`` outputs each).
     """
 
     heads: int = 2
