@@ -19,12 +19,13 @@ from nbclient import NotebookClient
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 CELL_TIMEOUT_S = 300
 # Notebooks that train models (a minute or more on 2 CPU cores).
-SLOW = {"03_what_the_generator_learns", "04_sweeps"}
+SLOW = {"03_what_the_generator_learns", "04_sweeps", "05_sequence_dpo"}
 # Figures a notebook must write (the committed copies in notebooks/figures/ come from these).
 FIGURES = {
     "01_dpo_from_scratch": ["01_generator_cost.png"],
     "03_what_the_generator_learns": ["03_generated_kernels.png"],
     "04_sweeps": ["04_sweep_curves.png"],
+    "05_sequence_dpo": ["05_sequence_kernels.png"],
 }
 
 
