@@ -88,7 +88,7 @@ def trained_bundle(tmp_path_factory, model: str = "dnn") -> Path:
         root = tmp_path_factory.mktemp(f"serving-{model}")
         spec = write_serving_data(root)
         sets = ["batch_size=128", "max_epochs=2", "eval_batch_size=64"]
-        sets += ["hidden=16,8"] if model in ("dnn", "dpn") else []
+        sets += ["hidden=16,8"] if model in ("dnn", "dpn", "dyjoint") else []
         # A module-scoped fixture runs before conftest's per-test fast-compile switch: set it here.
         old = jax.config.values["jax_disable_most_optimizations"]
         jax.config.update("jax_disable_most_optimizations", True)

@@ -129,3 +129,33 @@ def test_bench_latency_reports_a_table(capsys) -> None:
     cells = [tuple(c.strip() for c in ln.strip("|").split("|")[:3]) for ln in lines]
     assert cells == [(m, b, p) for m in ("lr", "fm") for b in ("1", "4") for p in ("jit", "exported")]
     assert main(["bench", "--models", "dnn"]) == 2
+
+
+def test_behaviour_model_round_trips_through_bundle_and_export(tmp_path_factory) -> None:
+    """dyjoint (feature DPO + Transformer encoder with the dynamic convolution + query-generated
+    decoder) over the history that shares item_id's vocabulary: raw rows -> bundle -> predict and
+    -> export -> load_exported give the scores evaluation gave, for two batch sizes."""
+    bundle = trained_bundle(tmp_path_factory, "dyjoint")
+    model = dpn_jax.load(bundle)
+    expected, _ = eval_scores(model, bundle.parent / "spec.yaml")
+    raw = read_raw(bundle.parent / "test.csv")  # includes over-long and unseen histories
+    np.testing.assert_allclose(model.predict(raw, batch_size=7), expected, **TOL)
+    out = tmp_path_factory.mktemp("export") / "dyjoint"
+    assert main(["export", "--model", str(bundle), "--out", str(out)]) == 0
+    served = load_exported(out)
+    for batch_size in (1, 32):
+        np.testing.assert_allclose(served.predict(raw, batch_size=batch_size), expected, **TOL)
+
+
+def test_latency_uses_a_behaviour_schema_for_sequence_models() -> None:
+    from dpn_jax.serving.latency import behaviour_like_schema, is_behaviour_model, random_batch
+
+    assert is_behaviour_model("dyjoint") and is_behaviour_model("din") and not is_behaviour_model("dpn")
+    schema = behaviour_like_schema()
+    batch = random_batch(schema, 64)
+    for name in ("hist_item", "hist_cate"):
+        f = schema.field(name)
+        ids = batch[f"seq/{name}"]
+        valid = ids != f.pad_id
+        assert valid[:, 0].all() and (valid[:, :-1] >= valid[:, 1:]).all()  # right-padded, length >= 1
+        assert ((ids[valid] >= f.offset + 2) & (ids[valid] < f.offset + f.vocab_size)).all()

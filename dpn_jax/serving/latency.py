@@ -32,9 +32,34 @@ def frappe_like_schema() -> Schema:
     return Schema(fields=tuple(fields), table_size=offset)
 
 
+# An Amazon-Grocery-like behaviour schema (user, target item and category, their histories of 50)
+BEHAVIOUR_VOCAB = {"user": 14_681, "item": 8_714, "cate": 1_000}
+BEHAVIOUR_MAX_LEN = 50
+
+
+def behaviour_like_schema() -> Schema:
+    fields, offset = [], 0
+    for i, (name, v) in enumerate(BEHAVIOUR_VOCAB.items()):
+        fields.append(FieldInfo(name, "cat", column=i, offset=offset, vocab_size=v + 2))
+        offset += v + 2
+    for target in ("item", "cate"):
+        t = next(f for f in fields if f.name == target)
+        fields.append(FieldInfo(f"hist_{target}", "seq", offset=t.offset, vocab_size=t.vocab_size,
+                                max_len=BEHAVIOUR_MAX_LEN, share_vocab=target))
+    return Schema(fields=tuple(fields), table_size=offset)
+
+
+def is_behaviour_model(name: str) -> bool:
+    """Models that pool behaviour histories (they all have the ``attention_groups`` option)."""
+    from dpn_jax.models import model_options
+
+    return "attention_groups" in model_options(name)
+
+
 def fresh_predictor(name: str, schema: Schema | None = None, seed: int = 0) -> Predictor:
-    """A Predictor around freshly initialised parameters (no bundle on disk)."""
-    schema = schema or frappe_like_schema()
+    """A Predictor around freshly initialised parameters (no bundle on disk); behaviour models
+    get the Amazon-like behaviour schema, the others a Frappe-shaped one."""
+    schema = schema or (behaviour_like_schema() if is_behaviour_model(name) else frappe_like_schema())
     model = rebuild_model(name, {}, schema)
     example = {n: np.zeros((1, w), t) for n, t, w in model_inputs(schema)}
     variables = jax.jit(lambda k: model.init(k, example, train=False))(jax.random.PRNGKey(seed))
@@ -52,8 +77,10 @@ def random_batch(schema: Schema, rows: int, seed: int = 0) -> dict[str, np.ndarr
         elif name == "num":
             out[name] = rng.standard_normal((rows, width)).astype(dtype)
         else:
-            f = schema.field(name[4:])
-            out[name] = (f.offset + rng.integers(0, f.vocab_size, (rows, width))).astype(dtype)
+            f = schema.field(name[4:])  # right-padded histories of random lengths 1..width
+            ids = f.offset + rng.integers(2, f.vocab_size, (rows, width))
+            keep = np.arange(width)[None] < rng.integers(1, width + 1, (rows, 1))
+            out[name] = np.where(keep, ids, f.pad_id).astype(dtype)
     return out
 
 
