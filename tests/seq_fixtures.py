@@ -73,7 +73,11 @@ def pad_more(split: dict, extra: int) -> dict:
 
 
 def random_variables(init, *args, seed: int = 1, scale: float = 0.5, **kw):
-    """Variables of ``init``'s structure filled with numpy normals (no init compile)."""
+    """Variables of ``init``'s structure filled with numpy normals (no init compile).
+
+    Normalisation scales are drawn around 1 (``1 + scale/2·N``): with zero-centred scales and
+    biases a small BatchNorm + ReLU layer can be dead for every row, silencing all gradients
+    upstream whatever the code does."""
     rng = np.random.default_rng(seed)
     shapes = jax.eval_shape(lambda *a: init(jax.random.key(0), *a, **kw), *args)
 
@@ -81,6 +85,8 @@ def random_variables(init, *args, seed: int = 1, scale: float = 0.5, **kw):
         name = jax.tree_util.keystr(path)
         if "batch_stats" in name and "var" in name:  # running variances must stay positive
             return jnp.asarray(1.0 + 0.5 * rng.random(s.shape), s.dtype)
+        if name.endswith("['scale']"):  # BatchNorm / LayerNorm scales
+            return jnp.asarray(1.0 + 0.5 * scale * rng.normal(size=s.shape), s.dtype)
         return jnp.asarray(scale * rng.normal(size=s.shape), s.dtype)
 
     return jax.tree_util.tree_map_with_path(fill, shapes)

@@ -97,6 +97,12 @@ class QueryBehaviourDPO(nn.Module):
     the query by a :mod:`dpn_jax.dpo.generate` family (``"lowrank"``, Eqn. 5, by default) and
     applied to every behaviour.  A fresh layer behaves like ``nn.Dense(features)`` on each step
     (static part LeCun, dynamic part ``dynamic_scale`` of it).
+
+    ``context_norm`` (default True): the query passes a LayerNorm (learned scale and shift) before
+    the generator.  The generators' initialisation assumes a unit-scale context, while a query
+    made of fresh CTR embeddings (std 1e-4) leaves the generated part ~1e-5 of the static one:
+    measured, DIN-DPO then trained to the same test AUC and logloss as DIN to 4 decimals on
+    amazon_instruments -- the DPO was dead.  Normalised, it starts at ``dynamic_scale``.
     """
 
     features: int
@@ -107,6 +113,7 @@ class QueryBehaviourDPO(nn.Module):
     hidden_activation: str = "relu"
     use_bias: bool = True
     dynamic_scale: float = dpo.DEFAULT_DYNAMIC_SCALE
+    context_norm: bool = True
     param_dtype: Any = jnp.float32
 
     @nn.compact
@@ -114,6 +121,8 @@ class QueryBehaviourDPO(nn.Module):
         if x.ndim != 3 or q.ndim != 2 or x.shape[0] != q.shape[0]:
             raise ValueError(f"QueryBehaviourDPO expects x [B,L,m] and q [B,c], got {x.shape}, "
                              f"{q.shape}")
+        if self.context_norm:
+            q = nn.LayerNorm(name="context_norm", param_dtype=self.param_dtype)(q)
         gen = dpo.make_generator(
             self.generator, x.shape[-1], self.features, q.shape[-1], rank=self.rank,
             heads=self.heads, num_kernels=self.num_kernels, activation=self.hidden_activation,
