@@ -41,8 +41,8 @@ from dpn_jax.data.schema import Schema
 from dpn_jax.dpo.sequence import masked_mean
 from dpn_jax.errors import ConfigError
 from dpn_jax.models.registry import register
-from dpn_jax.models.sequence_family import SequenceTower, attention_groups
-from dpn_jax.nn.embedding import FieldEmbedding, embedded_field_names
+from dpn_jax.models.sequence_family import SequenceTower, attention_groups, with_interests
+from dpn_jax.nn.embedding import FieldEmbedding
 from dpn_jax.nn.recurrent_layers import EVOLUTIONS, GRU
 from dpn_jax.nn.sequence_layers import Activation, DINAttention, check_activation
 
@@ -151,47 +151,41 @@ class DIEN(nn.Module):
         embedding = FieldEmbedding(self.schema, dim=self.embedding_dim, name="embedding")
         e = embedding(batch)
         bsz = e.shape[0]
-        groups = attention_groups(self.schema, self.attention_groups)
         interests = []
-        if groups:
-            names = embedded_field_names(self.schema)
-            seqs = embedding.embed_sequences(batch)
-            slots = [e[:, i] for i in range(e.shape[1])]
-            # The auxiliary network is built at initialisation (so its parameters exist) and run
-            # in a train step that collects the losses; evaluation and BatchNorm
-            # recalibration (losses not mutable) skip it.
-            aux_on = self.aux_loss_weight > 0 and (
-                self.is_initializing() or (train and self.is_mutable_collection("losses")))
+        # The auxiliary network is built at initialisation (so its parameters exist) and run in a
+        # train step that collects the losses; evaluation and BatchNorm recalibration (losses not
+        # mutable) skip it.
+        aux_on = bool(attention_groups(self.schema, self.attention_groups)) and (
+            self.aux_loss_weight > 0
+            and (self.is_initializing() or (train and self.is_mutable_collection("losses"))))
+        if aux_on:
+            key = self.make_rng("dropout") if self.has_rng("dropout") else None
+            neg_idx = negative_rows(key, bsz)
+            other = (neg_idx != jnp.arange(bsz))[:, None]
+            aux = []
+
+        def unit(g, q, keys, mask, ids):
+            """Extractor, auxiliary loss, attention and evolution of group ``g``; the history
+            slots get the masked mean of their behaviours (DIEN's pooled behaviour)."""
+            units = self.gru_dim or keys.shape[-1]
+            states, _ = GRU(units, "gru", name=f"extractor_{g}")(keys, mask)
             if aux_on:
-                key = self.make_rng("dropout") if self.has_rng("dropout") else None
-                neg_idx = negative_rows(key, bsz)
-                other = (neg_idx != jnp.arange(bsz))[:, None]
-                aux = jnp.zeros((), e.dtype)
-            for g, group in enumerate(groups):
-                q = jnp.concatenate([e[:, names.index(t)] for t, _ in group], axis=-1)
-                keys = jnp.concatenate([seqs[h][0] for _, h in group], axis=-1)
-                mask = seqs[group[0][1]][1]
-                for _, h in group[1:]:
-                    mask = mask & seqs[h][1]
-                for _, h in group:
-                    slots[names.index(h)] = masked_mean(seqs[h][0], mask)
-                units = self.gru_dim or keys.shape[-1]
-                states, _ = GRU(units, "gru", name=f"extractor_{g}")(keys, mask)
-                if aux_on:
-                    valid = mask[:, :-1] & mask[:, 1:] & mask[neg_idx][:, 1:] & other
-                    scorer = AuxiliaryNet(tuple(self.aux_hidden), name=f"aux_{g}")
-                    aux = aux + auxiliary_loss(states[:, :-1], keys[:, 1:], keys[neg_idx][:, 1:],
-                                               valid, scorer)
-                if units != keys.shape[-1]:
-                    q = nn.Dense(units, name=f"query_{g}")(q)
-                _, a = self.attention_unit(f"attention_{g}")(q, states, mask, train,
-                                                             return_weights=True)
-                _, final = GRU(units, self.evolution, name=f"evolution_{g}")(states, mask, a)
-                interests.append(final)
-            if aux_on and train:
-                self.sow("losses", AUX_LOSS_NAME, self.aux_loss_weight * aux)
-                self.sow("intermediates", "dien_negative_rows", neg_idx)  # for inspection
-            e = jnp.stack(slots, axis=1)
+                valid = mask[:, :-1] & mask[:, 1:] & mask[neg_idx][:, 1:] & other
+                scorer = AuxiliaryNet(tuple(self.aux_hidden), name=f"aux_{g}")
+                aux.append(auxiliary_loss(states[:, :-1], keys[:, 1:], keys[neg_idx][:, 1:],
+                                          valid, scorer))
+            if units != keys.shape[-1]:
+                q = nn.Dense(units, name=f"query_{g}")(q)
+            _, a = self.attention_unit(f"attention_{g}")(q, states, mask, train,
+                                                         return_weights=True)
+            _, final = GRU(units, self.evolution, name=f"evolution_{g}")(states, mask, a)
+            interests.append(final)
+            return masked_mean(keys, mask)  # per channel, so each history's slot is its own mean
+
+        e = with_interests(self.schema, self.attention_groups, embedding, e, batch, unit)
+        if aux_on and train:
+            self.sow("losses", AUX_LOSS_NAME, self.aux_loss_weight * sum(aux))
+            self.sow("intermediates", "dien_negative_rows", neg_idx)  # for inspection
         x = jnp.concatenate([e.reshape(bsz, -1), *interests], axis=-1)
         h = SequenceTower(tuple(self.hidden), self.act, self.batch_norm, self.dropout,
                           self.bn_momentum, name="mlp")(x, train)

@@ -7,7 +7,8 @@ the target share embedding rows.  Other sequence fields stay mean-pooled as in e
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -45,6 +46,40 @@ def attention_groups(schema: Schema, grouping: str = "joint") -> list[tuple[tupl
     for p in pairs:
         by_len.setdefault(schema.field(p[1]).max_len, []).append(p)
     return [tuple(g) for g in by_len.values()]
+
+
+Array = Any
+# pool(g, q [B,D], behaviours [B,L,D], mask [B,L], ids [B,L,G]) -> interest [B,D]
+Pool = Callable[[int, Array, Array, Array, Array], Array]
+
+
+def with_interests(schema: Schema, grouping: str, embedding: FieldEmbedding, e: Array,
+                   batch: dict, pool: Pool) -> Array:
+    """``e [B,F,d]`` with each history slot replaced by its attention group's pooled interest.
+
+    Per group (:func:`attention_groups`): ``q`` = the targets' embeddings concatenated, the
+    behaviours = the histories' embeddings concatenated, the mask = the AND of the histories'
+    masks, ``ids [B,L,G]`` = the raw ids of the histories (``batch["seq/<name>"]``).  The pooled
+    ``[B, G·d]`` is split back into the ``G`` slots.  No group: ``e`` unchanged.
+    """
+    groups = attention_groups(schema, grouping)
+    if not groups:
+        return e
+    d = e.shape[-1]
+    names = embedded_field_names(schema)
+    seqs = embedding.embed_sequences(batch)
+    slots = [e[:, i] for i in range(e.shape[1])]
+    for g, group in enumerate(groups):
+        q = jnp.concatenate([e[:, names.index(t)] for t, _ in group], axis=-1)
+        x = jnp.concatenate([seqs[h][0] for _, h in group], axis=-1)
+        mask = seqs[group[0][1]][1]
+        for _, h in group[1:]:
+            mask = mask & seqs[h][1]
+        ids = jnp.stack([batch[f"seq/{h}"] for _, h in group], axis=-1)
+        v = pool(g, q, x, mask, ids)
+        for j, (_, h) in enumerate(group):
+            slots[names.index(h)] = v[:, j * d:(j + 1) * d]
+    return jnp.stack(slots, axis=1)
 
 
 class SequenceTower(nn.Module):
@@ -110,24 +145,11 @@ class DIN(nn.Module):
     def __call__(self, batch, train: bool = False) -> jnp.ndarray:
         check_activation(self.act)
         check_activation(self.attention_act)
-        d = self.embedding_dim
-        embedding = FieldEmbedding(self.schema, dim=d, name="embedding")
+        embedding = FieldEmbedding(self.schema, dim=self.embedding_dim, name="embedding")
         e = embedding(batch)
-        groups = attention_groups(self.schema, self.attention_groups)
-        if groups:
-            names = embedded_field_names(self.schema)
-            seqs = embedding.embed_sequences(batch)
-            slots = [e[:, i] for i in range(e.shape[1])]
-            for g, group in enumerate(groups):
-                q = jnp.concatenate([e[:, names.index(t)] for t, _ in group], axis=-1)
-                keys = jnp.concatenate([seqs[h][0] for _, h in group], axis=-1)
-                mask = seqs[group[0][1]][1]
-                for _, h in group[1:]:
-                    mask = mask & seqs[h][1]
-                v = self.attention_unit(f"attention_{g}")(q, keys, mask, train)
-                for j, (_, h) in enumerate(group):
-                    slots[names.index(h)] = v[:, j * d:(j + 1) * d]
-            e = jnp.stack(slots, axis=1)
+        e = with_interests(self.schema, self.attention_groups, embedding, e, batch,
+                           lambda g, q, keys, mask, ids: self.attention_unit(f"attention_{g}")(
+                               q, keys, mask, train))
         h = SequenceTower(tuple(self.hidden), self.act, self.batch_norm, self.dropout,
                           self.bn_momentum, name="mlp")(e.reshape(e.shape[0], -1), train)
         return nn.Dense(1, name="out")(h)[:, 0]

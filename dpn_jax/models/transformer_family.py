@@ -10,8 +10,7 @@ field embeddings (split back per history); all slots are flattened -> a tower ->
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -20,8 +19,8 @@ from dpn_jax.data.schema import Schema
 from dpn_jax.errors import ConfigError
 from dpn_jax.models.dpn import dpn_tower
 from dpn_jax.models.registry import register
-from dpn_jax.models.sequence_family import SequenceTower, attention_groups
-from dpn_jax.nn.embedding import FieldEmbedding, embedded_field_names
+from dpn_jax.models.sequence_family import Array, SequenceTower, with_interests
+from dpn_jax.nn.embedding import FieldEmbedding
 from dpn_jax.nn.sequence_layers import check_activation
 from dpn_jax.nn.transformer_layers import (
     DECODERS,
@@ -31,39 +30,6 @@ from dpn_jax.nn.transformer_layers import (
     check_choice,
     duplicate_counts,
 )
-
-Array = Any
-# pool(g, q [B,D], behaviours [B,L,D], mask [B,L], ids [B,L,G]) -> interest [B,D]
-Pool = Callable[[int, Array, Array, Array, Array], Array]
-
-
-def with_interests(schema: Schema, grouping: str, embedding: FieldEmbedding, e: Array,
-                   batch: dict, pool: Pool) -> Array:
-    """``e [B,F,d]`` with each history slot replaced by its attention group's pooled interest.
-
-    Per group (:func:`attention_groups`): ``q`` = the targets' embeddings concatenated, the
-    behaviours = the histories' embeddings concatenated, the mask = the AND of the histories'
-    masks, ``ids [B,L,G]`` = the raw ids of the histories (``batch["seq/<name>"]``).  The pooled
-    ``[B, G·d]`` is split back into the ``G`` slots.  No group: ``e`` unchanged.
-    """
-    groups = attention_groups(schema, grouping)
-    if not groups:
-        return e
-    d = e.shape[-1]
-    names = embedded_field_names(schema)
-    seqs = embedding.embed_sequences(batch)
-    slots = [e[:, i] for i in range(e.shape[1])]
-    for g, group in enumerate(groups):
-        q = jnp.concatenate([e[:, names.index(t)] for t, _ in group], axis=-1)
-        x = jnp.concatenate([seqs[h][0] for _, h in group], axis=-1)
-        mask = seqs[group[0][1]][1]
-        for _, h in group[1:]:
-            mask = mask & seqs[h][1]
-        ids = jnp.stack([batch[f"seq/{h}"] for _, h in group], axis=-1)
-        v = pool(g, q, x, mask, ids)
-        for j, (_, h) in enumerate(group):
-            slots[names.index(h)] = v[:, j * d:(j + 1) * d]
-    return jnp.stack(slots, axis=1)
 
 
 def check_unit_options(m: nn.Module) -> None:
