@@ -16,6 +16,10 @@ from typing import Any
 __version__ = "0.1.0"
 __all__ = ["__version__", "load", "train"]
 
+from dpn_jax import xla_flags as _xla_flags  # noqa: E402 - before jax builds its backend
+
+_xla_flags.apply()
+
 
 class _TrainPackage(types.ModuleType):
     """``dpn_jax.train`` is the training subpackage AND callable as ``runner.run_train``:

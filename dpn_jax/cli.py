@@ -30,19 +30,47 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a training or model option, e.g. --set lr=3e-4 --set dropout=0.2")
     t.add_argument("--out", default=None,
                    help="write the model bundle here (results.json, parameters, encoders; see `predict`)")
+    t.add_argument("--checkpoint-dir", default=None,
+                   help="write checkpoints here after every epoch (default: OUT/checkpoints with --out)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the newest checkpoint in --checkpoint-dir (or OUT/checkpoints)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_scale_out_args(t)
     sub.add_parser("models", help="list the model registry and each model's options")
     _add_serving_parsers(sub)
     _add_sweep_parser(sub)
     return p
 
 
+def _add_scale_out_args(t) -> None:
+    g = t.add_argument_group("scaling out (README: Scaling out)")
+    g.add_argument("--mesh", default=None, metavar="data=N,model=M",
+                   help="train on a device mesh: batches split over data, embedding tables over model "
+                        "(sizes multiply to the device count; default: one device)")
+    g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="multi-process run: process 0's address and a free port (with --num-processes, --process-id)")
+    g.add_argument("--num-processes", type=int, default=None, help="multi-process run: how many processes")
+    g.add_argument("--process-id", type=int, default=None, help="multi-process run: this process, 0 .. P-1")
+    g.add_argument("--distributed", action="store_true",
+                   help="call jax.distributed.initialize() (TPU pod slices, SLURM, Open MPI detect the rest)")
+    g.add_argument("--out-of-core", default=None, metavar="DIR",
+                   help="stream the train split from .npy shards in DIR (written there on first use)")
+    g.add_argument("--memory-budget-mb", type=float, default=512,
+                   help="with --out-of-core: memory for the shuffle window and prefetched batches (default 512)")
+
+
 def _cmd_train(args) -> int:
+    from dpn_jax.train.distributed import initialize
+
+    # Before anything touches a device: jax.distributed must come first.
+    initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
     from dpn_jax.runner import run_train
 
     results = run_train(args.model, args.data, seed=args.seed, sets=args.sets, out=args.out,
                         data_dir=args.data_dir, cache_dir=args.cache_dir,
-                        progress=False if args.no_progress else None)
+                        progress=False if args.no_progress else None,
+                        checkpoint_dir=args.checkpoint_dir, resume=args.resume, mesh=args.mesh,
+                        out_of_core=args.out_of_core, memory_budget_mb=args.memory_budget_mb)
     print(json.dumps({k: results[k] for k in RESULT_KEYS if k in results}), flush=True)
     return 0
 
@@ -71,12 +99,23 @@ def _add_serving_parsers(sub) -> None:
     e.add_argument("--model", required=True, help="a bundle directory written by `train --out`")
     e.add_argument("--out", required=True, help="output directory (load with dpn_jax.serving.load_exported)")
     e.add_argument("--platforms", default="cpu,cuda", help="comma-separated: cpu, cuda, rocm, tpu")
-    b = sub.add_parser("bench", help="benchmarks: --latency (per-request p50/p99)")
+    b = sub.add_parser("bench", help="throughput/compile/memory/latency harness (with --peer fuxictr); "
+                                     "--latency: serving latency, jit vs exported")
     b.add_argument("--latency", action="store_true", help="per-request latency, jit vs exported")
-    b.add_argument("--models", default="dnn,dpn", help="registry names, freshly initialised")
-    b.add_argument("--bundle", default=None, help="benchmark this bundle's model instead of --models")
-    b.add_argument("--batches", default="1,16,256", help="request sizes")
-    b.add_argument("--requests", type=int, default=300, help="timed requests per cell")
+    b.add_argument("--models", default=None,
+                   help="registry names (default: dnn,dpn,dpn_field,dcnv2,din,dien; dnn,dpn with --latency)")
+    b.add_argument("--workloads", default=None, help="criteo, frappe, behaviour (default: each model's own)")
+    b.add_argument("--optimizers", default="adam,lazy_adam", help="adam and/or lazy_adam")
+    b.add_argument("--batch-size", type=int, default=4096, help="training batch")
+    b.add_argument("--steps", type=int, default=20, help="timed train steps per row")
+    b.add_argument("--grad-clip", type=float, default=0.0, help="global-norm clip in both libraries")
+    b.add_argument("--peer", default=None, choices=["fuxictr"], help="time FuxiCTR's PyTorch layers too")
+    b.add_argument("--replicas", type=int, default=0, help="also time this many vmapped replicas")
+    b.add_argument("--scan", type=int, default=1, help="also time this many train steps per dispatch (lax.scan)")
+    b.add_argument("--out", default=None, help="write OUT.md and OUT.json")
+    b.add_argument("--bundle", default=None, help="--latency: this bundle's model instead of --models")
+    b.add_argument("--batches", default=None, help="request sizes (default 1,64,4096; 1,16,256 with --latency)")
+    b.add_argument("--requests", type=int, default=None, help="timed requests per cell (default 50; 300 with --latency)")
 
 
 def _cmd_predict(args) -> int:
@@ -98,19 +137,42 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _csv(text: str | None, default: str) -> list[str]:
+    return [x for x in (text or default).split(",") if x]
+
+
 def _cmd_bench(args) -> int:
     from dpn_jax.errors import ConfigError
-    from dpn_jax.serving.latency import bench_latency, device_name, format_table
 
-    if not args.latency:
-        raise ConfigError("choose a benchmark: dpn-jax bench --latency")
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     try:
-        batches = [int(x) for x in args.batches.split(",") if x]
+        batches = [int(x) for x in _csv(args.batches, "1,16,256" if args.latency else "1,64,4096")]
     except ValueError:
         raise ConfigError(f"--batches {args.batches!r}: expected comma-separated integers like 1,16,256") from None
-    rows = bench_latency([m for m in args.models.split(",") if m], batches, args.requests, args.bundle,
-                         log=lambda s: print(s, file=sys.stderr, flush=True))
-    print(f"latency per request on {device_name()}, {args.requests} requests per cell\n{format_table(rows)}")
+    if args.latency:
+        from dpn_jax.serving.latency import bench_latency, device_name, format_table
+
+        requests = args.requests or 300
+        rows = bench_latency(_csv(args.models, "dnn,dpn"), batches, requests, args.bundle, log=log)
+        print(f"latency per request on {device_name()}, {requests} requests per cell\n{format_table(rows)}")
+        return 0
+    from dpn_jax.benchmark.harness import DEFAULT_MODELS, format_markdown, run_bench
+
+    if args.bundle:
+        raise ConfigError("--bundle goes with --latency; the harness builds fresh models (--models)")
+    result = run_bench(_csv(args.models, ",".join(DEFAULT_MODELS)),
+                       workloads=_csv(args.workloads, "") or None, optimizers=_csv(args.optimizers, "adam"),
+                       batch_size=args.batch_size, steps=args.steps, peer=args.peer,
+                       grad_clip=args.grad_clip, latency_batches=batches, requests=args.requests or 50,
+                       replicas=args.replicas, scan=args.scan, log=log)
+    command = "dpn-jax " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "python " + " ".join(sys.argv)
+    text = format_markdown(result, command)
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".md").write_text(text)
+        out.with_suffix(".json").write_text(json.dumps({**result, "command": command}, indent=1, default=str))
     return 0
 
 
@@ -155,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from dpn_jax.train import xla_cache
 
-    xla_cache.enable(Path(args.cache_dir) / "xla" if getattr(args, "cache_dir", None) else None)
+    if args.command != "bench":  # the harness reports compile time: no cached programs there
+        xla_cache.enable(Path(args.cache_dir) / "xla" if getattr(args, "cache_dir", None) else None)
     try:
         return {"train": _cmd_train, "models": _cmd_models, **SERVING_COMMANDS,
                 "sweep": _cmd_sweep}[args.command](args)

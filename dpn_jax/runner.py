@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import platform
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -17,9 +18,12 @@ from flax import serialization
 
 import dpn_jax
 from dpn_jax.data import load_dataset
+from dpn_jax.errors import ConfigError
 from dpn_jax.models import build_model, model_options
 from dpn_jax.train.config import TrainConfig, split_overrides
 from dpn_jax.train.loop import fit
+from dpn_jax.train.sharding import describe as describe_mesh
+from dpn_jax.train.sharding import make_mesh
 
 
 def _jsonable(x: Any) -> Any:
@@ -44,18 +48,50 @@ def versions() -> dict[str, str]:
             "backend": jax.default_backend()}
 
 
+def _checkpoint_dir(checkpoint_dir, out, resume: bool, log) -> Path | None:
+    """``checkpoint_dir``, else ``out/checkpoints``. A fresh run replaces the default one's earlier
+    checkpoints (as it replaces the bundle beside them); an explicit directory is never cleared."""
+    if checkpoint_dir is not None:
+        return Path(checkpoint_dir)
+    if out is None:
+        if resume:
+            raise ConfigError("--resume needs --checkpoint-dir DIR or --out DIR (checkpoints in DIR/checkpoints)")
+        return None
+    path = Path(out) / "checkpoints"
+    if not resume and path.is_dir() and any(path.iterdir()):
+        if not all(p.is_dir() and p.name.split(".")[0].isdigit() for p in path.iterdir()):
+            raise ConfigError(f"{path} holds files that are not checkpoints; move them, or pass --checkpoint-dir")
+        log(f"note  replacing the checkpoints of an earlier run in {path} (pass --resume to continue it)")
+        shutil.rmtree(path)
+    return path
+
+
 def run_train(model: str, data: str, *, seed: int = 2021, sets: Sequence[str] = (),
               out: str | Path | None = None, data_dir: str | None = None,
               cache_dir: str | None = None, progress: bool | None = None,
-              log: Callable[[str], None] | None = None) -> dict[str, Any]:
+              log: Callable[[str], None] | None = None, checkpoint_dir: str | Path | None = None,
+              resume: bool = False, mesh: str | None = None, out_of_core: str | Path | None = None,
+              memory_budget_mb: float = 512) -> dict[str, Any]:
     """Load ``data``, build ``model`` with ``--set`` overrides, fit, and write the model bundle
     ``out/`` (see :mod:`dpn_jax.serving.bundle`; load it with ``dpn_jax.load(out)``).
+
+    Checkpoints go to ``checkpoint_dir``, by default ``out/checkpoints``; ``resume`` continues the
+    newest one there (see :mod:`dpn_jax.train.checkpoint`).
+
+    ``mesh`` (``"data=4,model=2"``) trains on a device mesh (:mod:`dpn_jax.train.sharding`);
+    ``out_of_core`` streams the train split from ``.npy`` shards in that directory within
+    ``memory_budget_mb`` (:mod:`dpn_jax.data.out_of_core`).
 
     Returns the results dict (also written to ``out/results.json``)."""
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     opts = model_options(model)
     train_kw, model_kw = split_overrides(list(sets), opts, model)  # validate before loading data
     cfg = TrainConfig(seed=seed, **train_kw)
+    checkpoint_dir = _checkpoint_dir(checkpoint_dir, out, resume, log)
+    device_mesh = make_mesh(mesh) if mesh is not None else None  # a bad --mesh fails before loading data
+    if device_mesh is not None:
+        log(f"mesh  {describe_mesh(device_mesh)} over {device_mesh.size} {jax.devices()[0].platform} devices"
+            + (f", {jax.process_count()} processes" if jax.process_count() > 1 else ""))
     t0 = time.perf_counter()
     dataset = load_dataset(data, data_dir=data_dir, cache_dir=cache_dir)
     log(f"data  {dataset.summary()}  (loaded in {time.perf_counter() - t0:.1f}s)")
@@ -63,10 +99,17 @@ def run_train(model: str, data: str, *, seed: int = 2021, sets: Sequence[str] = 
         unseen = {k: int(v) for k, v in counts.items() if v}
         if unseen:
             log(f"note  {split}: values unseen in train mapped to OOV: {unseen}")
+    if out_of_core is not None:
+        from dpn_jax.data.out_of_core import shard_split
+
+        dataset.train = shard_split(dataset.train, out_of_core, memory_budget_mb=memory_budget_mb)
+        log(f"data  train streamed from {out_of_core}/ ({len(dataset.train.bounds)} shards, "
+            f"memory budget {memory_budget_mb:g} MB)")
     net = build_model(model, dataset.schema, **model_kw)
     log(f"model {model} {model_kw or ''}  train {dataclasses.asdict(cfg)}")
     t1 = time.perf_counter()
-    result = fit(net, dataset, cfg, log=log, progress=progress)
+    result = fit(net, dataset, cfg, log=log, progress=progress, checkpoint_dir=checkpoint_dir, resume=resume,
+                 mesh=device_mesh)
     wall = time.perf_counter() - t1
     log(f"test  auc {result.test['auc']:.4f}  logloss {result.test['logloss']:.4f}  "
         f"(best epoch {result.best_epoch}, {wall:.0f}s, {result.train_samples_per_s:,.0f} samples/s)")
@@ -84,7 +127,9 @@ def run_train(model: str, data: str, *, seed: int = 2021, sets: Sequence[str] = 
     if "bayes_auc" in dataset.meta:
         results["bayes_test_auc"] = dataset.meta["bayes_auc"]["test"]
     results = _jsonable(results)
-    if out is not None:
+    if device_mesh is not None:
+        results["mesh"] = describe_mesh(device_mesh)
+    if out is not None and jax.process_index() == 0:  # one writer in a multi-process run
         from dpn_jax.serving.bundle import write_bundle
 
         params_bytes = serialization.to_bytes({"params": result.params, "batch_stats": result.batch_stats})

@@ -340,13 +340,14 @@ for k, (rep, alone, alone_params) in enumerate(zip(sweep, seq, seq_params)):
     lines.append(f"| {c.lr:g} | {c.seed} | {r['epoch1']:.1e} | {r['first_big'] or '-'} "
                  f"| {r['final']:.1e} | {r['valid']:.1e} | {r['test']:.1e} | {r['same_best']} |")
 display(Markdown("\n".join(lines)))
+spreads = {}
 for lr in LRS:
-    spread = np.std([r.result.test["auc"] for r in sweep if r.config.lr == lr], ddof=1)
-    print(f"lr={lr:g}: std of test AUC over seeds {spread:.4f}")
+    spreads[lr] = np.std([r.result.test["auc"] for r in sweep if r.config.lr == lr], ddof=1)
+    print(f"lr={lr:g}: std of test AUC over seeds {spreads[lr]:.4f}")
 
 # %% [markdown]
-# After the first epoch the parameters agree to float32 rounding (~1e-7; a little more at the
-# larger learning rate). Then the gap grows, often by orders of magnitude within one epoch:
+# After the first epoch the parameters agree to float32 rounding at the default learning rate
+# (~1e-7); at the larger one they may already have drifted apart. Then the gap grows, often by orders of magnitude within one epoch:
 # Adam's normalised step $m/\sqrt{v}$ lets a rounding-level change of a near-zero gradient move
 # a parameter by up to ~lr, and when training leaves the plateau of the additive effects to pick
 # up the interactions (the jump in the learning curves) small perturbations are amplified. The
@@ -382,9 +383,10 @@ display(Markdown("\n".join([
 # %% [markdown]
 # The checks: the replica the tests look at (first learning rate, first seed) is float32
 # rounding away from its `fit` after one epoch (`tests/test_sweep.py` compares parameters to
-# 1e-4 on runs too short to leave the plateau) and reports the same best epoch and AUCs; every
-# replica is within 1e-4 of its `fit`'s parameters after one epoch, and at the default learning
-# rate reports the same AUCs to well below the spread between seeds.
+# 1e-4 on runs too short to leave the plateau) and reports the same best epoch and AUCs; at the
+# default learning rate every replica is within 1e-4 of its `fit`'s parameters after one epoch
+# and reports the same AUCs to well below the spread between seeds; at the larger one, the test
+# AUC of a replica and of its `fit` differ by less than three seed-to-seed standard deviations.
 
 # %%
 first = report[0]
@@ -392,8 +394,10 @@ assert (first["lr"], first["seed"]) == (LRS[0], SEEDS[0])
 assert first["epoch1"] < 1e-5 and first["same_best"], first
 assert first["valid"] < 1e-3 and first["test"] < 1e-3, first
 for r in report:
-    assert r["epoch1"] < 1e-4, r
     if r["lr"] == LRS[0]:
+        assert r["epoch1"] < 1e-4, r
         assert max(r["valid"], r["test"]) < 2e-3, r
+    else:
+        assert r["test"] < 3 * spreads[r["lr"]], (r, spreads)
 CACHE.cleanup()
 print(f"notebook: {time.perf_counter() - T0:.0f}s")

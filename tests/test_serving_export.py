@@ -128,7 +128,7 @@ def test_bench_latency_reports_a_table(capsys) -> None:
     lines = [ln for ln in out.splitlines() if ln.startswith("| ") and "model" not in ln]
     cells = [tuple(c.strip() for c in ln.strip("|").split("|")[:3]) for ln in lines]
     assert cells == [(m, b, p) for m in ("lr", "fm") for b in ("1", "4") for p in ("jit", "exported")]
-    assert main(["bench", "--models", "dnn"]) == 2
+    assert main(["bench", "--latency", "--models", "nosuch"]) == 2
 
 
 def test_behaviour_model_round_trips_through_bundle_and_export(tmp_path_factory) -> None:

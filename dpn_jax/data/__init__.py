@@ -93,16 +93,18 @@ def load_spec_dataset(
 
 
 def batches(
-    split: Split, batch_size: int, *, shuffle: bool, seed: int, epoch: int, drop_last: bool = False
+    split: Split, batch_size: int, *, shuffle: bool, seed: int, epoch: int, drop_last: bool = False,
+    start_batch: int = 0,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Mini-batches (numpy dicts with the split's keys) covering every row once per epoch.
-    The order is a permutation from ``default_rng((seed, epoch))``: reproducible per epoch."""
+    The order is a permutation from ``default_rng((seed, epoch))``: reproducible per epoch.
+    ``start_batch`` skips that many batches of the epoch (resuming mid-epoch) without reading them."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     n = split_len(split)
     order = np.random.default_rng((seed, epoch)).permutation(n) if shuffle else np.arange(n)
     stop = n - n % batch_size if drop_last else n
-    for start in range(0, stop, batch_size):
+    for start in range(start_batch * batch_size, stop, batch_size):
         idx = order[start : start + batch_size]
         # One fancy-index per array; np.asarray turns a memmap result into a plain array.
         yield {k: np.asarray(v[idx]) for k, v in split.items()}

@@ -167,6 +167,7 @@ class DIEN(nn.Module):
         def unit(g, q, keys, mask, ids):
             """Extractor, auxiliary loss, attention and evolution of group ``g``; the history
             slots get the masked mean of their behaviours (DIEN's pooled behaviour)."""
+            mask = jnp.asarray(mask)  # numpy when the batch is a closed-over constant
             units = self.gru_dim or keys.shape[-1]
             states, _ = GRU(units, "gru", name=f"extractor_{g}")(keys, mask)
             if aux_on:

@@ -16,6 +16,11 @@ from dpn_jax.data.schema import Schema
 
 Batch = dict
 
+# A batch may carry ``rows/<key>`` next to an id array ``<key>``: the ids' positions in a table
+# holding only the rows the batch uses (``optimizer=lazy_adam``, dpn_jax.train.lazy_adam).
+# Lookups then read those rows; masks still compare the original ids with the pad id.
+ROWS_PREFIX = "rows/"
+
 
 def embedded_field_names(schema: Schema) -> tuple[str, ...]:
     """Field order of the ``[B, F, d]`` tensor that ``FieldEmbedding`` returns."""
@@ -49,18 +54,21 @@ class FieldEmbedding(nn.Module):
     def embed_ids(self, ids: jnp.ndarray) -> jnp.ndarray:
         return jnp.take(self.table, ids, axis=0)
 
+    def _embed_key(self, batch: Batch, key: str) -> jnp.ndarray:
+        return self.embed_ids(batch.get(ROWS_PREFIX + key, batch[key]))
+
     def embed_sequences(self, batch: Batch) -> dict[str, tuple[jnp.ndarray, jnp.ndarray]]:
         """``{name: (emb [B, L, dim], mask [B, L] bool)}`` for every sequence field."""
         out = {}
         for f in self.schema.seq_fields:
             ids = batch[f"seq/{f.name}"]
-            out[f.name] = (self.embed_ids(ids), ids != f.pad_id)
+            out[f.name] = (self._embed_key(batch, f"seq/{f.name}"), ids != f.pad_id)
         return out
 
     def __call__(self, batch: Batch) -> jnp.ndarray:
         parts = []
         if self.schema.cat_fields:
-            parts.append(self.embed_ids(batch["cat"]))
+            parts.append(self._embed_key(batch, "cat"))
         if self.schema.numeric_fields:
             parts.append(batch["num"][..., None].astype(self.table.dtype) * self.numeric)
         for emb, mask in self.embed_sequences(batch).values():

@@ -17,6 +17,9 @@ class TrainConfig:
     with patience 2 (AFN, AAAI 2020; BARS)."""
 
     lr: float = 1e-3
+    # "adam" (dense, every parameter every step) or "lazy_adam" (embedding rows of the batch
+    # only, as production CTR systems do; dpn_jax.train.lazy_adam).
+    optimizer: str = "adam"
     batch_size: int = 4096
     eval_batch_size: int = 16384
     max_epochs: int = 100
@@ -34,6 +37,12 @@ class TrainConfig:
     bn_recalibrate: bool = True
     bn_recalibrate_batches: int = 32
     seed: int = 2021
+    # With a checkpoint directory (``fit(checkpoint_dir=...)``, ``--checkpoint-dir``) a checkpoint
+    # is written after every epoch and, when > 0, also every this many batches.
+    checkpoint_every_steps: int = 0
+    # A non-finite loss: "stop" raises NonFiniteLoss (the last checkpoint stays good); "skip"
+    # drops each step whose loss or gradients are non-finite, leaving the state unchanged.
+    on_nonfinite: str = "stop"
 
     def replace(self, **kw: Any) -> TrainConfig:
         return dataclasses.replace(self, **kw)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -11,7 +12,9 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from dpn_jax.errors import ConfigError
 from dpn_jax.train.config import TrainConfig
+from dpn_jax.train.lazy_adam import LazyAdam, LazyAdamState
 
 EMBEDDING_PARAMS = ("table", "numeric")  # parameter names owned by FieldEmbedding
 
@@ -24,13 +27,24 @@ class TrainState(struct.PyTreeNode):
     rng: jnp.ndarray  # dropout key; folded with the step so each step differs
 
 
-def make_optimizer(cfg: TrainConfig, *, clip_as_data: bool = False) -> optax.GradientTransformation:
+OPTIMIZERS = ("adam", "lazy_adam")
+
+
+def make_optimizer(cfg: TrainConfig, *, clip_as_data: bool = False) -> optax.GradientTransformation | LazyAdam:
     """Adam with the learning rate as data (``inject_hyperparams``) so reduce-on-plateau and
-    sweeps change it without recompiling.
+    sweeps change it without recompiling; ``cfg.optimizer="lazy_adam"`` updates only the
+    embedding rows each batch uses (:mod:`dpn_jax.train.lazy_adam`).
 
     ``clip_as_data`` (sweeps): always chain a clip whose threshold is data too, ``inf`` when
     ``cfg.grad_clip`` is 0, so replicas with and without clipping share one program; below the
     threshold the clip returns the gradient unchanged, so the updates equal the unclipped ones."""
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"--set optimizer={cfg.optimizer}: choose one of {', '.join(OPTIMIZERS)}")
+    if cfg.optimizer == "lazy_adam":
+        if clip_as_data:
+            raise ConfigError("optimizer=lazy_adam is not available in vmapped sweeps yet; "
+                              "use optimizer=adam for `dpn-jax sweep`, or `dpn-jax train` per run")
+        return LazyAdam(cfg.lr, cfg.grad_clip)
     adam = optax.inject_hyperparams(optax.adam)(learning_rate=cfg.lr)
     if clip_as_data:
         clip = optax.inject_hyperparams(optax.clip_by_global_norm)(
@@ -43,6 +57,8 @@ def make_optimizer(cfg: TrainConfig, *, clip_as_data: bool = False) -> optax.Gra
 
 def _inject_state(opt_state):
     """The ``InjectHyperparamsState`` (itself a tuple) alone or at the end of a chain."""
+    if isinstance(opt_state, LazyAdamState):
+        return _inject_state(opt_state.dense)
     return opt_state if hasattr(opt_state, "hyperparams") else opt_state[-1]
 
 
@@ -55,6 +71,8 @@ def set_lr(state: TrainState, lr: float) -> TrainState:
     hp = dict(inner.hyperparams)
     hp["learning_rate"] = jnp.asarray(lr, dtype=jnp.asarray(hp["learning_rate"]).dtype)
     inner = inner._replace(hyperparams=hp)
+    if isinstance(state.opt_state, LazyAdamState):  # its dense part is a bare inject state
+        return state.replace(opt_state=state.opt_state._replace(dense=inner))
     opt_state = inner if hasattr(state.opt_state, "hyperparams") else (*state.opt_state[:-1], inner)
     return state.replace(opt_state=opt_state)
 
@@ -108,6 +126,11 @@ def aux_loss(updates: dict) -> jnp.ndarray:
 
 
 REGULARIZERS = {"embedding_l2": EMBEDDING_PARAMS, "net_l2": ("kernel",)}
+NONFINITE_MODES = ("stop", "skip")
+
+
+def _tree_finite(tree) -> jnp.ndarray:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 def regularizer_coefficients(cfg: TrainConfig) -> dict[str, float]:
@@ -121,14 +144,19 @@ def make_train_step(model: nn.Module, cfg: TrainConfig, tx: optax.GradientTransf
 
     With ``regularizers_as_data`` (sweeps) the step is ``(state, batch, coefs) -> ...`` where
     ``coefs`` maps ``embedding_l2``/``net_l2`` to arrays, so replicas with different L2 share one
-    program (a zero coefficient adds exactly zero to the loss and its gradient)."""
+    program (a zero coefficient adds exactly zero to the loss and its gradient).
+
+    ``cfg.on_nonfinite="skip"``: a step whose loss or gradients are non-finite returns the state
+    unchanged (step included), selected on the device so it costs no host synchronisation."""
+    if cfg.on_nonfinite not in NONFINITE_MODES:
+        raise ConfigError(f"--set on_nonfinite={cfg.on_nonfinite}: choose one of {', '.join(NONFINITE_MODES)}")
     static_coefs = regularizer_coefficients(cfg)
 
-    def loss_fn(params, batch_stats, batch, rng, coefs):
+    def loss_fn(params, batch_stats, batch, rng, coefs, net):
         variables = {"params": params}
         if batch_stats:
             variables["batch_stats"] = batch_stats
-        logits, updates = model.apply(variables, batch, train=True, rngs={"dropout": rng},
+        logits, updates = net.apply(variables, batch, train=True, rngs={"dropout": rng},
                                       mutable=["batch_stats", AUX_LOSSES])
         data_loss = jnp.mean(bce_with_logits(logits, batch["label"]))
         loss = data_loss + aux_loss(updates)
@@ -138,12 +166,23 @@ def make_train_step(model: nn.Module, cfg: TrainConfig, tx: optax.GradientTransf
 
     def step(state: TrainState, batch: dict, coefs) -> tuple[TrainState, jnp.ndarray]:
         rng = jax.random.fold_in(state.rng, state.step)
-        (_, (data_loss, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, state.batch_stats, batch, rng, coefs)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        return state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
-                             opt_state=opt_state), data_loss
+        if isinstance(tx, LazyAdam):
+            params, batch, uniq = tx.gather(state.params, batch)
+            net = model.clone(schema=dataclasses.replace(model.schema, table_size=uniq.shape[0]))
+        else:
+            params, net = state.params, model
+        (loss, (data_loss, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            params, state.batch_stats, batch, rng, coefs, net)
+        if isinstance(tx, LazyAdam):
+            params, opt_state = tx.apply(grads, state.opt_state, state.params, uniq)
+        else:
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+        new = state.replace(step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state)
+        if cfg.on_nonfinite == "skip":
+            ok = jnp.isfinite(loss) & _tree_finite(grads)
+            new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
+        return new, data_loss
 
     if regularizers_as_data:
         return step

@@ -1,0 +1,165 @@
+"""``run_bench``: every (model, workload, optimiser) measured in one process, with the PyTorch
+peer beside it, as rows for a markdown table and a JSON record.
+
+Tabular models run on the ``criteo`` and ``frappe`` workloads, behaviour models (those with
+``attention_groups``) on ``behaviour``. Ratios compare rows of the same run only.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+
+from dpn_jax.benchmark import measure
+from dpn_jax.benchmark.workloads import WORKLOADS, get_workload
+from dpn_jax.errors import ConfigError
+from dpn_jax.models import available_models
+from dpn_jax.serving.latency import is_behaviour_model
+from dpn_jax.train.config import TrainConfig
+from dpn_jax.train.state import OPTIMIZERS
+
+DEFAULT_MODELS = ("dnn", "dpn", "dpn_field", "dcnv2", "din", "dien")
+LATENCY_BATCHES = (1, 64, 4096)
+
+
+def machine() -> dict[str, str]:
+    d = jax.devices()[0]
+    return {"platform": d.platform, "device": getattr(d, "device_kind", "") or platform.processor(),
+            "devices": str(jax.device_count()), "cpu_count": str(os.cpu_count()),
+            "python": platform.python_version(), "host": platform.machine()}
+
+
+def _versions() -> dict[str, str]:
+    from dpn_jax.runner import versions
+
+    return versions()
+
+
+def workloads_for(model: str, asked: Sequence[str] | None) -> list[str]:
+    native = ["behaviour"] if is_behaviour_model(model) else ["criteo", "frappe"]
+    return [w for w in native if asked is None or w in asked]
+
+
+def run_bench(models: Sequence[str] = DEFAULT_MODELS, *, workloads: Sequence[str] | None = None,
+              optimizers: Sequence[str] = ("adam", "lazy_adam"), batch_size: int = 4096,
+              steps: int = 20, peer: str | None = None, grad_clip: float = 0.0,
+              latency_batches: Sequence[int] = LATENCY_BATCHES, requests: int = 50,
+              replicas: int = 0, scan: int = 1, log: Callable[[str], None] | None = None) -> dict:
+    """Rows of measurements (see dpn_jax.benchmark.measure); ``replicas > 1`` adds a row per
+    model and workload for that many vmapped replicas of the first optimiser's step; ``scan > 1``
+    adds a row running that many steps per dispatch (``measure.scan_steps``)."""
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    unknown = [m for m in models if m not in available_models()]
+    if unknown:
+        raise ConfigError(f"--models: {unknown} not in the registry; see `dpn-jax models`")
+    bad = [o for o in optimizers if o not in OPTIMIZERS]
+    if bad:
+        raise ConfigError(f"--optimizers: {bad} not known; choose from {list(OPTIMIZERS)}")
+    for w in workloads or ():
+        get_workload(w)
+    if peer not in (None, "fuxictr"):
+        raise ConfigError(f"--peer {peer!r}: the only peer is fuxictr")
+    if peer:
+        from dpn_jax.benchmark import peer_fuxictr
+
+        why = peer_fuxictr.available()
+        if why:
+            raise ConfigError(f"--peer fuxictr: {why}")
+    t_start = time.perf_counter()
+    rows, pipeline = [], {}
+    for model in models:
+        for wname in workloads_for(model, workloads):
+            w = get_workload(wname)
+            if wname not in pipeline:
+                pipeline[wname] = measure.measure_pipeline(w, batch_size)
+                log(f"pipeline {wname}: {pipeline[wname]:,.0f} samples/s")
+            latency = measure.measure_latency(model, w, latency_batches, requests=requests)
+            for opt in optimizers:
+                cfg = TrainConfig(batch_size=batch_size, optimizer=opt, grad_clip=grad_clip)
+                m = measure.measure_train(model, w, cfg, steps=steps)
+                rows.append({"model": model, "workload": wname, "impl": f"dpn-jax {opt}",
+                             **vars(m), "latency_ms": latency})
+                log(f"{model:10s} {wname:9s} {opt:9s} {m.samples_per_s:10,.0f} samples/s  "
+                    f"step {m.step_ms:.1f} ms  compile {m.compile_s:.1f} s")
+            if scan > 1:
+                cfg = TrainConfig(batch_size=batch_size, optimizer=optimizers[0], grad_clip=grad_clip)
+                m = measure.measure_train(model, w, cfg, steps=steps, scan=scan)
+                rows.append({"model": model, "workload": wname,
+                             "impl": f"dpn-jax {optimizers[0]} scan {scan}", **vars(m), "latency_ms": latency})
+                log(f"{model:10s} {wname:9s} scan {scan} {m.samples_per_s:10,.0f} samples/s")
+            if replicas > 1:
+                cfg = TrainConfig(batch_size=batch_size, optimizer=optimizers[0], grad_clip=grad_clip)
+                m = measure.measure_replicas(model, w, cfg, replicas, steps=max(3, steps // 2))
+                rows.append({"model": model, "workload": wname,
+                             "impl": f"dpn-jax {optimizers[0]} x{replicas} vmapped", **vars(m),
+                             "latency_ms": latency})
+                log(f"{model:10s} {wname:9s} x{replicas} vmapped {m.samples_per_s:10,.0f} samples/s  "
+                    f"step {m.step_ms:.1f} ms")
+            if peer and model in peer_fuxictr.PEER_MODELS:
+                version, m = peer_fuxictr.measure_peer_train(model, w, batch_size, grad_clip=grad_clip,
+                                                             steps=steps)
+                lat = peer_fuxictr.measure_peer_latency(model, w, latency_batches, requests=requests)
+                rows.append({"model": model, "workload": wname, "impl": f"fuxictr {version}",
+                             **vars(m), "latency_ms": lat})
+                log(f"{model:10s} {wname:9s} fuxictr   {m.samples_per_s:10,.0f} samples/s  "
+                    f"step {m.step_ms:.1f} ms")
+    return {"rows": rows, "pipeline": pipeline, "machine": machine(), "versions": _versions(),
+            "peer_versions": _peer_versions() if peer else {}, "batch_size": batch_size,
+            "steps": steps, "grad_clip": grad_clip, "seconds": time.perf_counter() - t_start,
+            "workloads": {k: WORKLOADS[k]().schema.table_size for k in pipeline}}
+
+
+def _peer_versions() -> dict[str, str]:
+    import torch
+
+    return {"torch": torch.__version__, "torch_threads": str(torch.get_num_threads())}
+
+
+def _ratio_columns(rows: list[dict]) -> None:
+    """vs peer: our samples/s over FuxiCTR's (same model and workload); cost vs dnn: seconds per
+    sample over ``dnn``'s with the same workload and implementation."""
+    by = {(r["model"], r["workload"], r["impl"]): r for r in rows}
+    for r in rows:
+        peer = next((v for (m, w, i), v in by.items()
+                     if m == r["model"] and w == r["workload"] and i.startswith("fuxictr")), None)
+        r["vs_peer"] = r["samples_per_s"] / peer["samples_per_s"] if peer and peer is not r else None
+        base = by.get(("dnn", r["workload"], r["impl"]))
+        r["cost_vs_dnn"] = base["samples_per_s"] / r["samples_per_s"] if base else None
+
+
+def _times(x: float | None) -> str:
+    return "" if x is None else f"{x:.2f}x"
+
+
+def format_markdown(result: dict, command: str) -> str:
+    rows = result["rows"]
+    _ratio_columns(rows)
+    lat = [b for b in LATENCY_BATCHES if rows and b in rows[0]["latency_ms"]] or \
+        (sorted(rows[0]["latency_ms"]) if rows else [])
+    head = ("| model | workload | implementation | train samples/s | step ms (± half p10-p90) | "
+            "vs FuxiCTR | cost/sample vs dnn | compile s | memory MB | params | "
+            + " | ".join(f"latency b{b} p50/p99 ms" for b in lat) + " |")
+    sep = "|" + "---|" * (10 + len(lat))
+    lines = [head, sep]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['workload']} | {r['impl']} | {r['samples_per_s']:,.0f} | "
+            f"{r['step_ms']:.1f} ± {r['step_ms_spread']:.1f} | "
+            f"{_times(r['vs_peer'])} | {_times(r['cost_vs_dnn'])} | "
+            f"{r['compile_s']:.1f} | {r['memory_mb']:.0f} | {r['num_params']:,} | "
+            + " | ".join("{:.2f} / {:.2f}".format(*r["latency_ms"][b]) for b in lat) + " |")
+    pipe = " · ".join(f"{w}: {v:,.0f} samples/s" for w, v in result["pipeline"].items())
+    m, v = result["machine"], result["versions"]
+    return "\n".join([
+        f"# Benchmark: {m['platform']} ({m['device']}, {m['devices']} device(s), {m['cpu_count']} CPUs)",
+        "", f"Command: `{command}`", "",
+        f"Batch {result['batch_size']}, median of {result['steps']} timed steps after compile and "
+        f"warm-up; grad clip {result['grad_clip'] or 'off'}; total {result['seconds']:.0f} s. "
+        f"Versions: {v}. Peer: {result['peer_versions'] or 'not run'}.", "",
+        f"Input pipeline alone (shuffled batches of a numpy split to the device): {pipe}.", "",
+        *lines, ""])

@@ -1,0 +1,222 @@
+"""Checkpoints of one ``fit`` run, so that a killed run resumes exactly where it was.
+
+A checkpoint is an Orbax step directory ``DIR/<position>/`` (position: batches trained since the
+start of training) with three items:
+
+* ``arrays``: the :class:`TrainState` (parameters, BatchNorm statistics, optimiser state with the
+  injected learning rate, step, dropout key) and the best parameters/statistics so far;
+* ``progress``: JSON, the data position (epoch, batches of it done), early-stopping state, best
+  epoch and its validation metrics, history rows, timings and the epoch's loss accumulators;
+* ``run``: JSON, what produced it (model, training config, data shape, parameter shapes), compared
+  on resume so that a checkpoint is never continued by a different run.
+
+Orbax writes each step into ``<position>.orbax-checkpoint-tmp`` and renames it when complete, so
+a kill mid-save leaves the previous checkpoint intact. The best parameters travel inside every
+checkpoint, so the newest one is all a resume needs; the one before it is kept as a fallback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dpn_jax.data.schema import Dataset, split_len
+from dpn_jax.errors import DpnError
+from dpn_jax.train.config import TrainConfig
+from dpn_jax.train.early_stopping import EarlyStopping
+
+KEEP = 2
+# Training options that may change on resume: they change neither the state nor the data order.
+MAY_CHANGE = ("max_epochs", "eval_batch_size", "checkpoint_every_steps", "on_nonfinite")
+
+
+@jax.jit
+def all_finite(tree) -> jax.Array:
+    """One boolean: every floating-point leaf of ``tree`` is finite."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+@jax.jit
+def checksum(tree) -> jax.Array:
+    """Per leaf, a position-weighted uint32 sum of its bits. OCDBT checks its own structure but
+    not the array bytes, so a flipped bit in a value would otherwise load silently."""
+    def words(x):
+        if jnp.issubdtype(x.dtype, jax.dtypes.extended):  # typed PRNG keys
+            x = jax.random.key_data(x)
+        if x.dtype == jnp.bool_ or x.dtype.itemsize == 1:
+            return x.astype(jnp.uint32).ravel()
+        width = {2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+        return jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32).ravel()
+
+    sums = [jnp.sum(w * (2 * jnp.arange(w.size, dtype=jnp.uint32) + 1)) for w in map(words, jax.tree.leaves(tree))]
+    return jnp.stack(sums) if sums else jnp.zeros((0,), jnp.uint32)
+
+
+def _jsonable(x: Any) -> Any:
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return {f.name: _jsonable(getattr(x, f.name)) for f in dataclasses.fields(x)}
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.ndarray, np.generic, jax.Array)):
+        return np.asarray(x).tolist()
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    return repr(x)
+
+
+def run_metadata(model, data: Dataset, cfg: TrainConfig, params) -> dict:
+    """What must match for a checkpoint to be resumed by this run."""
+    fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
+              if f.name not in ("parent", "name")}
+    return _jsonable({
+        "model": {"class": type(model).__name__, **fields},
+        "train": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in MAY_CHANGE},
+        "data": {"name": data.name, **{f"{s}_rows": split_len(getattr(data, s)) for s in ("train", "valid", "test")}},
+        "params": {jax.tree_util.keystr(p): f"{x.dtype}{list(x.shape)}"
+                   for p, x in jax.tree_util.tree_leaves_with_path(params)},
+    })
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def differences(saved: dict, now: dict, limit: int = 6) -> list[str]:
+    a, b = _flat(saved), _flat(now)
+    diffs = [f"{k}: {_short(a.get(k, '(absent)'))} in the checkpoint, {_short(b.get(k, '(absent)'))} now"
+             for k in sorted(set(a) | set(b)) if a.get(k, "(absent)") != b.get(k, "(absent)")]
+    return diffs[:limit] + ([f"... and {len(diffs) - limit} more"] if len(diffs) > limit else [])
+
+
+def _short(v: Any, n: int = 60) -> str:
+    s = repr(v)
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+@dataclasses.dataclass
+class Resumed:
+    """Everything ``fit`` needs to continue from a checkpoint."""
+
+    state: Any
+    best: tuple | None  # (params, batch_stats, epoch, valid metrics) as fit keeps it
+    history: list[dict]
+    stopper: EarlyStopping
+    epoch: int  # the epoch to continue
+    batch: int  # batches of ``epoch`` already trained
+    stopped: bool  # training had ended (early stop); only the test evaluation is left
+    epoch_loss: tuple[float, int, int]  # loss sum, losses summed, step at the start of the epoch
+    timing: tuple[float, float, int]  # train seconds, compile seconds, timed samples
+
+
+class Checkpoints:
+    """The checkpoints of one run in ``directory``.
+
+    Opening checks the directory against ``resume``: resuming needs a checkpoint, and a fresh
+    run refuses to mix its checkpoints with an earlier run's."""
+
+    def __init__(self, directory: str | Path, *, resume: bool):
+        import orbax.checkpoint as ocp  # imported only by runs that checkpoint: it is slow to import
+
+        self._ocp = ocp
+        self.directory = Path(directory).expanduser().absolute()
+        if self.directory.exists() and not self.directory.is_dir():
+            raise DpnError(f"checkpoint directory {self.directory} is a file; choose a directory")
+        if resume and not self.directory.is_dir():
+            raise DpnError(f"no checkpoint to resume: {self.directory} does not exist; run without "
+                           "--resume to start training, or point --checkpoint-dir at the earlier run's")
+        try:
+            self._mgr = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
+                max_to_keep=KEEP, enable_async_checkpointing=False, cleanup_tmp_directories=True))
+        except OSError as err:
+            raise DpnError(f"cannot use checkpoint directory {self.directory}: {err}") from None
+        latest = self.path()
+        if resume and latest is None:
+            raise DpnError(f"no checkpoint to resume in {self.directory}: run without --resume to "
+                           "start training, or point --checkpoint-dir at the earlier run's checkpoints")
+        if not resume and latest is not None:
+            raise DpnError(f"{self.directory} already holds checkpoints of a run ({latest}): pass "
+                           "--resume to continue it, or choose another --checkpoint-dir (or delete "
+                           "this one) to start afresh")
+
+    def path(self, step: int | None = None) -> Path | None:
+        """The directory of checkpoint ``step`` (default: the newest), None when there is none."""
+        self._mgr.reload()
+        step = self._mgr.latest_step() if step is None else step
+        return None if step is None else self.directory / str(step)
+
+    def save(self, position: int, state, best: tuple | None, progress: dict, run: dict) -> Path:
+        """Write checkpoint ``position`` (call only with a finite state; see :func:`all_finite`)."""
+        best_params, best_stats = (state.params, state.batch_stats) if best is None else best[:2]
+        progress = dict(progress, has_best=best is not None, best_epoch=best[2] if best else 0,
+                        best_valid=best[3] if best else {})
+        arrays = {"state": state, "best": {"params": best_params, "batch_stats": best_stats}}
+        progress["checksum"] = np.asarray(checksum(arrays)).tolist()
+        args = self._ocp.args
+        done = self._mgr.save(position, force=True, args=args.Composite(
+            arrays=args.StandardSave(arrays),
+            progress=args.JsonSave(_jsonable(progress)),
+            run=args.JsonSave(run)))
+        if not done:  # positions only grow; a refused save would silently lose the resume point
+            raise DpnError(f"checkpoint {position} was not written to {self.directory}")
+        return self.directory / str(position)
+
+    def restore(self, state, run: dict, patience: int) -> Resumed:
+        """The newest checkpoint, read into the structure (and placement) of the fresh ``state``."""
+        args = self._ocp.args
+        step = self._mgr.latest_step()
+        path = self.directory / str(step)
+        try:
+            meta = self._mgr.restore(step, args=args.Composite(progress=args.JsonRestore(), run=args.JsonRestore()))
+            progress, saved_run = meta["progress"], meta["run"]
+        except Exception as err:  # orbax and tensorstore raise many kinds; all mean the same here
+            raise self._unreadable(path, _reason(err)) from err
+        diffs = differences(saved_run, run)
+        if diffs:
+            raise DpnError(f"cannot resume from {path}: it was written by a different run ("
+                           + "; ".join(diffs) + "). Resume with the same model, data and settings, "
+                           "or run without --resume to start afresh (in a new --checkpoint-dir when you gave one)")
+        template = {"state": state, "best": jax.device_get({"params": state.params, "batch_stats": state.batch_stats})}
+        try:
+            arrays = self._mgr.restore(step, args=args.Composite(arrays=args.StandardRestore(
+                jax.tree.map(self._ocp.utils.to_shape_dtype_struct, template))))["arrays"]
+        except Exception as err:
+            raise self._unreadable(path, _reason(err)) from err
+        if np.asarray(checksum(arrays)).tolist() != progress["checksum"]:
+            raise self._unreadable(path, "its arrays do not match the checksum saved with them")
+        best = None
+        if progress["has_best"]:
+            best = (arrays["best"]["params"], arrays["best"]["batch_stats"], progress["best_epoch"],
+                    progress["best_valid"])
+        stopper = EarlyStopping(**dict(progress["stopper"], patience=patience))
+        return Resumed(state=arrays["state"], best=best, history=progress["history"], stopper=stopper,
+                       epoch=progress["epoch"], batch=progress["batch"], stopped=progress["stopped"],
+                       epoch_loss=tuple(progress["epoch_loss"]), timing=tuple(progress["timing"]))
+
+    def _unreadable(self, path: Path, reason: str) -> DpnError:
+        older = [s for s in self._mgr.all_steps() if self.directory / str(s) != path]
+        fallback = f" (the older checkpoint {self.directory / str(max(older))} is then used)" if older else ""
+        return DpnError(f"checkpoint at {path} is unreadable: {reason}; delete it{fallback} or run "
+                        "without --resume")
+
+
+def _reason(err: Exception) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:300] if lines else ''}"
+
+
+def describe(path: Path | None) -> str:
+    return f"the last good checkpoint is {path}" if path else "no checkpoint was written yet"

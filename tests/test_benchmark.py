@@ -1,0 +1,87 @@
+"""The benchmark harness: workload shapes, one tiny harness run, the CLI, the FuxiCTR peer."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from dpn_jax.benchmark.harness import format_markdown, run_bench
+from dpn_jax.benchmark.workloads import criteo_like_schema, get_workload, zipf_ids
+from dpn_jax.cli import main
+from dpn_jax.errors import ConfigError
+
+
+def test_criteo_workload_shape_and_zipf_ids():
+    schema = criteo_like_schema()
+    assert len(schema.cat_fields) == 39
+    assert sum(f.vocab_size - 2 for f in schema.cat_fields) == 1_000_000
+    rows = get_workload("criteo").rows(2000, seed=0)
+    assert rows["cat"].shape == (2000, 39) and rows["cat"].dtype == np.int32
+    for f in schema.cat_fields:  # every id inside its own field's block, never pad/OOV
+        col = rows["cat"][:, f.column]
+        assert col.min() >= f.offset + 2 and col.max() < f.offset + f.vocab_size
+    # Zipf: the most frequent id of a field takes a large share, far above uniform 1/25641.
+    ids = zipf_ids(np.random.default_rng(0), 25_641, 20_000)
+    top = np.bincount(ids).max() / ids.size
+    assert 0.05 < top < 0.3
+
+
+def test_unknown_workload_is_named():
+    with pytest.raises(ConfigError, match="'criteo2' is not known"):
+        get_workload("criteo2")
+
+
+def test_tiny_harness_run_reports_every_row(tmp_path, capsys):
+    result = run_bench(["dnn", "lr"], workloads=["frappe"], batch_size=64, steps=2,
+                       latency_batches=(1, 4), requests=2, log=lambda s: None)
+    got = [(r["model"], r["workload"], r["impl"]) for r in result["rows"]]
+    assert got == [("dnn", "frappe", "dpn-jax adam"), ("dnn", "frappe", "dpn-jax lazy_adam"),
+                   ("lr", "frappe", "dpn-jax adam"), ("lr", "frappe", "dpn-jax lazy_adam")]
+    for r in result["rows"]:
+        assert r["samples_per_s"] > 0 and r["compile_s"] > 0 and r["num_params"] > 0
+        assert set(r["latency_ms"]) == {1, 4}
+        assert all(p50 <= p99 for p50, p99 in r["latency_ms"].values())
+    assert set(result["pipeline"]) == {"frappe"} and result["pipeline"]["frappe"] > 0
+    text = format_markdown(result, "dpn-jax bench ...")
+    assert "| dnn | frappe | dpn-jax lazy_adam |" in text and "1.00x" in text  # dnn's cost vs itself
+    assert result["rows"][2]["cost_vs_dnn"] == pytest.approx(
+        result["rows"][0]["samples_per_s"] / result["rows"][2]["samples_per_s"])
+
+
+def test_behaviour_models_get_the_behaviour_workload():
+    from dpn_jax.benchmark.harness import workloads_for
+
+    assert workloads_for("din", None) == ["behaviour"]
+    assert workloads_for("dnn", None) == ["criteo", "frappe"]
+    assert workloads_for("dnn", ["frappe", "behaviour"]) == ["frappe"]
+
+
+def test_cli_writes_markdown_and_json(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert main(["bench", "--models", "lr", "--workloads", "frappe", "--optimizers", "adam",
+                 "--batch-size", "32", "--steps", "2", "--batches", "1", "--requests", "2",
+                 "--out", str(out)]) == 0
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["rows"][0]["model"] == "lr" and "command" in data
+    assert "| lr | frappe | dpn-jax adam |" in out.with_suffix(".md").read_text()
+    assert main(["bench", "--models", "lr", "--optimizers", "sgd"]) == 2
+    assert "not known" in capsys.readouterr().err
+
+
+def test_fuxictr_peer_matches_our_parameter_count():
+    """Same architecture on both sides: the parameter counts differ only by the biases FuxiCTR's
+    MLP_Block keeps in front of BatchNorm (1200 = 400+400+400; BatchNorm's shift makes them
+    redundant, our MLP leaves them out)."""
+    from dpn_jax.benchmark import peer_fuxictr
+
+    why = peer_fuxictr.available()
+    if why:
+        pytest.skip(f"the optional peer is not installed ({why})")
+    result = run_bench(["dnn", "dcnv2"], workloads=["frappe"], optimizers=("adam",), batch_size=64,
+                       steps=2, peer="fuxictr", latency_batches=(1,), requests=2, log=lambda s: None)
+    rows = {(r["model"], r["impl"].split()[0]): r for r in result["rows"]}
+    for m in ("dnn", "dcnv2"):
+        assert rows[(m, "fuxictr")]["num_params"] - rows[(m, "dpn-jax")]["num_params"] == 1200
+        assert rows[(m, "fuxictr")]["samples_per_s"] > 0
