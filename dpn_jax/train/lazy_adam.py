@@ -65,6 +65,7 @@ class LazyAdamState(NamedTuple):
     count: jnp.ndarray  # steps taken, for the tables' bias correction
     mu: dict[str, jnp.ndarray]  # first moment of each table, by "/"-joined parameter path
     nu: dict[str, jnp.ndarray]
+    clip: jnp.ndarray  # global-norm threshold as data (sweeps: one per replica); inf = off
 
 
 class LazyAdam:
@@ -73,8 +74,12 @@ class LazyAdam:
     ``gather``/``apply`` around the gradient."""
 
     def __init__(self, lr: float, grad_clip: float = 0.0, b1: float = 0.9, b2: float = 0.999,
-                 eps: float = 1e-8):
+                 eps: float = 1e-8, clip_as_data: bool = False):
+        """``clip_as_data`` (vmapped sweeps): always clip, at the threshold held in the state, so
+        replicas with and without clipping share one program (below it, the gradient is
+        returned unchanged)."""
         self.b1, self.b2, self.eps, self.grad_clip = b1, b2, eps, grad_clip
+        self.clip_as_data = clip_as_data
         self.dense_tx = optax.inject_hyperparams(optax.adam)(learning_rate=lr, b1=b1, b2=b2, eps=eps)
 
     @staticmethod
@@ -90,8 +95,9 @@ class LazyAdam:
     def init(self, params) -> LazyAdamState:
         tables, rest = self.split(params)
         zeros = {k: jnp.zeros_like(v) for k, v in tables.items()}
+        clip = jnp.asarray(self.grad_clip if self.grad_clip > 0 else jnp.inf, jnp.float32)
         return LazyAdamState(self.dense_tx.init(rest), jnp.zeros((), jnp.int32), zeros,
-                             {k: jnp.zeros_like(v) for k, v in tables.items()})
+                             {k: jnp.zeros_like(v) for k, v in tables.items()}, clip)
 
     def gather(self, params, batch: dict) -> tuple[Any, dict, jnp.ndarray]:
         """``(params with tables -> their batch rows, batch + rows/<key>, unique ids)``."""
@@ -117,10 +123,10 @@ class LazyAdam:
     def apply(self, grads, state: LazyAdamState, params, uniq: jnp.ndarray) -> tuple[Any, LazyAdamState]:
         g_tables, g_rest = self.split(grads)
         tables, rest = self.split(params)
-        if self.grad_clip > 0:  # optax.clip_by_global_norm's rule, over both parts
+        if self.grad_clip > 0 or self.clip_as_data:  # optax.clip_by_global_norm's rule, over both
             norm = optax.tree.norm((g_tables, g_rest))
-            scale = jnp.where(norm < self.grad_clip, 1.0, self.grad_clip / norm)
-            g_tables, g_rest = jax.tree.map(lambda g: g * scale, (g_tables, g_rest))
+            g_tables, g_rest = jax.tree.map(
+                lambda g: jnp.where(norm < state.clip, g, g * (state.clip / norm)), (g_tables, g_rest))
         updates, dense = self.dense_tx.update(g_rest, state.dense, rest)
         rest = optax.apply_updates(rest, updates)
         lr = dense.hyperparams["learning_rate"]
@@ -136,4 +142,4 @@ class LazyAdam:
             mu[k] = mu[k].at[uniq].set(m, mode="drop")
             nu[k] = nu[k].at[uniq].set(v, mode="drop")
         new_params = traverse_util.unflatten_dict({**rest, **tables}, sep="/")
-        return new_params, LazyAdamState(dense, state.count + 1, mu, nu)
+        return new_params, LazyAdamState(dense, state.count + 1, mu, nu, state.clip)

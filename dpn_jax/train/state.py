@@ -41,10 +41,7 @@ def make_optimizer(cfg: TrainConfig, *, clip_as_data: bool = False) -> optax.Gra
     if cfg.optimizer not in OPTIMIZERS:
         raise ConfigError(f"--set optimizer={cfg.optimizer}: choose one of {', '.join(OPTIMIZERS)}")
     if cfg.optimizer == "lazy_adam":
-        if clip_as_data:
-            raise ConfigError("optimizer=lazy_adam is not available in vmapped sweeps yet; "
-                              "use optimizer=adam for `dpn-jax sweep`, or `dpn-jax train` per run")
-        return LazyAdam(cfg.lr, cfg.grad_clip)
+        return LazyAdam(cfg.lr, cfg.grad_clip, clip_as_data=clip_as_data)
     adam = optax.inject_hyperparams(optax.adam)(learning_rate=cfg.lr)
     if clip_as_data:
         clip = optax.inject_hyperparams(optax.clip_by_global_norm)(
