@@ -6,6 +6,7 @@ Usage::
     ds = load_dataset("path/to/spec.yaml")     # any csv / parquet / libfm data, see spec.py
     ds = load_dataset("synthetic", n=10_000)   # generated (dpn_jax.data.synthetic)
     ds = load_dataset("amazon_grocery", max_len=50)  # behaviour logs -> DIN rows (behaviour.py)
+    ds = load_dataset("criteo_x1")             # the paper's datasets, streamed (tabular_builtins.py)
     for batch in batches(ds.train, 1024, shuffle=True, seed=0, epoch=e): ...
     for batch in padded_batches(ds.test, 4096): ...   # every row once, batch["mask"] marks real rows
 """
@@ -27,11 +28,16 @@ from dpn_jax.errors import DataError
 
 # Behaviour datasets (dpn_jax.data.behaviour): DIN-style rows built from real logs / fixtures.
 BEHAVIOUR_BUILTIN = (
-    "amazon_videogames", "amazon_grocery", "amazon_instruments", "amazon_electronics_din",
-    "fuxictr_tiny_seq",
+    "amazon_videogames", "amazon_grocery", "amazon_instruments", "amazon_electronics",
+    "amazon_books", "amazon_electronics_din", "fuxictr_tiny_seq",
 )  # fmt: skip
 BEHAVIOUR_OPTIONS = ("max_len", "max_users", "out_dir")
-BUILTIN = ("frappe", "synthetic", *BEHAVIOUR_BUILTIN)
+# The paper's tabular datasets (dpn_jax.data.tabular_builtins): raw or BARS files, streamed.
+TABULAR_BUILTIN = (
+    "criteo", "criteo_x1", "avazu", "avazu_x1", "movielens_tag", "movielens_latest_x1", "frappe_x1",
+)  # fmt: skip
+TABULAR_OPTIONS = ("min_count", "skip_malformed", "progress")
+BUILTIN = ("frappe", "synthetic", *TABULAR_BUILTIN, *BEHAVIOUR_BUILTIN)
 
 __all__ = [
     "BUILTIN", "Dataset", "DatasetSpec", "FieldInfo", "FieldSpec", "FittedEncoders", "Schema", "Split",
@@ -53,6 +59,17 @@ def load_dataset(
     and the behaviour builders' negative sampling. Keyword options go to the synthetic generator,
     or (``max_len``, ``max_users``, ``out_dir``) to :func:`dpn_jax.data.behaviour.load_behaviour`."""
     name = str(name_or_spec)
+    if name in TABULAR_BUILTIN:
+        from dpn_jax.data.tabular_builtins import load_tabular
+
+        bad = sorted(set(synthetic_kwargs) - set(TABULAR_OPTIONS))
+        if bad:
+            raise DataError(
+                f"options {bad} do not apply to {name!r}; it takes {list(TABULAR_OPTIONS)}"
+            )
+        return load_tabular(
+            name, data_dir=data_dir, cache_dir=cache_dir, seed=seed, **synthetic_kwargs
+        )
     if name in BEHAVIOUR_BUILTIN:
         from dpn_jax.data.behaviour import load_behaviour
 

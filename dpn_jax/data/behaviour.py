@@ -9,11 +9,31 @@ name                        source folder in the data dir                       
 ``amazon_videogames``       ``amazon_videogames_sasrec/Video.txt`` (SASRec)     no
 ``amazon_grocery``          ``amazon_grocery_rechorus/{train,item_meta}.csv``   yes
 ``amazon_instruments``      ``amazon_musical_instruments_5core/`` reviews json  no
+``amazon_electronics``      ``amazon_electronics/`` raw McAuley files (DIN)     yes
+``amazon_books``            ``amazon_books/`` raw McAuley files (DIN)           yes
 ``amazon_electronics_din``  ``amazon_electronics_din_paddlerec/`` (DIN text)    yes
 ``fuxictr_tiny_seq``        ``fuxictr_tiny/tiny_seq/*.npz`` (FuxiCTR arrays)    yes
 ==========================  ==================================================  =========
 
-The first three are interaction logs turned into CTR rows by :func:`make_din_rows`:
+``amazon_electronics`` / ``amazon_books`` are the DIN paper's Amazon datasets built from the raw
+McAuley 2014 files, ``amazon_<cat>/reviews_<Cat>_5.json.gz`` + ``amazon_<cat>/meta_<Cat>.json.gz``
+(``<Cat>`` = ``Electronics`` / ``Books``; either file may also be there unzipped, without ``.gz``;
+when both are, the ``.gz`` is read). Source:
+``http://snap.stanford.edu/data/amazon/productGraph/categoryFiles/reviews_Electronics_5.json.gz``
+and ``.../meta_Electronics.json.gz`` (``Books`` likewise); ``dpn-jax data download
+amazon_electronics --to DIR`` fetches them. Licence: research use; cite McAuley et al., SIGIR 2015
+and He & McAuley, WWW 2016. The preprocessing is DIN's (zhougr1993/DeepInterestNetwork,
+``utils/1_convert_pd.py``, ``2_remap_id.py``, ``din/build_dataset.py``), see
+:func:`read_amazon_folder`: reviews give (reviewerID, asin, unixReviewTime); an item's category is
+the last element of the LAST path in the meta record's ``categories`` (DIN's ``x[-1][-1]``); meta
+rows of items without reviews are dropped. Deviations from DIN: a reviewed item without a meta row
+(or without ``categories``) gets the category ``"(none)"`` (:data:`AMAZON_NO_CATEGORY`) where
+DIN's id remapping would fail (in the real 5-core files every item has a meta row); and the
+second-to-last positive of each user goes to a validation split (DIN had train/test only; early
+stopping needs a validation split).
+
+All ``amazon_*`` names above the last two are interaction logs turned into CTR rows by
+:func:`make_din_rows`:
 
 * each user's interactions are put in time order (ties keep file order); every interaction after
   the first is a POSITIVE whose history is the items (and categories) before it, the most recent
@@ -41,6 +61,7 @@ vocabulary of ``item``/``cat`` via ``share_vocab``.) Dataset files are never cop
 
 from __future__ import annotations
 
+import ast
 import csv
 import dataclasses
 import gzip
@@ -50,7 +71,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +95,7 @@ class InteractionLog:
     item: np.ndarray
     time: np.ndarray | None = None  # None: the file order is the time order
     item_cat: dict[str, str] | None = None
+    info: dict[str, int] | None = None  # reader's counts (written into the built spec's comment)
 
     def __post_init__(self) -> None:
         self.user = np.asarray(self.user).astype(str).astype(object)
@@ -304,7 +326,7 @@ def built_dir(
 
 
 def build_behaviour_dataset(
-    log: InteractionLog,
+    log: InteractionLog | Callable[[], InteractionLog],
     name: str,
     *,
     sources: Sequence[Path] = (),
@@ -317,9 +339,14 @@ def build_behaviour_dataset(
 ) -> Dataset:
     """:func:`make_din_rows` -> CSV + spec (see :func:`built_dir`) -> the encoded dataset.
     ``sources`` are the files the log came from (their content keys the built directory); without
-    them the log itself is hashed."""
+    them the log itself is hashed. ``log`` may be a zero-argument callable returning the log: with
+    ``sources`` it is then called only when the built directory is not there yet (no re-reading of
+    big raw files on a cache hit)."""
     options = {"max_len": max_len, "seed": seed, "max_users": max_users, "note": note}
+    if not sources and callable(log):
+        log = log()
     if not sources:  # an in-memory log: key on its content
+        assert isinstance(log, InteractionLog)
         h = hashlib.sha256()
         for a in (log.user, log.item):
             h.update("\x1f".join(a.tolist()).encode())
@@ -330,7 +357,8 @@ def build_behaviour_dataset(
         options["log_sha256"] = h.hexdigest()
 
     def write(tmp: Path) -> None:
-        rows = make_din_rows(log, max_len=max_len, seed=seed, max_users=max_users)
+        lg = log() if callable(log) else log
+        rows = make_din_rows(lg, max_len=max_len, seed=seed, max_users=max_users)
         for role in SPLITS:
             if not rows[role]["label"]:
                 raise DataError(
@@ -344,9 +372,10 @@ def build_behaviour_dataset(
                 f"seed {seed}, max_len {max_len}, max_users {max_users}. {note}".rstrip(),
                 "From:" if sources else "From an in-memory log.",
                 *(f"  {p}" for p in sources),
+                *([", ".join(f"{k} {v}" for k, v in lg.info.items())] if lg.info else []),
             ]
         )
-        write_csv_spec(tmp, name, rows, din_fields(log.item_cat is not None, max_len),
+        write_csv_spec(tmp, name, rows, din_fields(lg.item_cat is not None, max_len),
                        comment=comment)  # fmt: skip
 
     d = built_dir(name, sources, options, write, out_dir=out_dir, cache_dir=cache_dir)
@@ -395,22 +424,182 @@ def read_rechorus(folder: str | Path) -> InteractionLog:
 
 
 def read_amazon_reviews(path: str | Path) -> InteractionLog:
-    """McAuley Amazon review json lines (optionally gzipped): reviewerID, asin, unixReviewTime."""
+    """McAuley Amazon review lines (optionally gzipped; JSON objects, or Python dict literals as in
+    the older dumps): reviewerID, asin, unixReviewTime. Blank lines are skipped; any other line that
+    is not such a record is a one-line DataError naming the file, the line and a missing key."""
     path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
     users, items, times = [], [], []
-    with opener(path, "rt", encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-                users.append(r["reviewerID"])
-                items.append(r["asin"])
-                times.append(float(r["unixReviewTime"]))
-            except (ValueError, KeyError) as e:
-                raise DataError(f"{path}: line {line_no}: not a review record ({e})") from None
+    for line_no, line in _numbered_lines(path):
+        if not line.strip():
+            continue
+        r = _parse_record(path, line_no, line)
+        if not isinstance(r, dict):
+            raise DataError(f"{path}: line {line_no}: not a review record (a {type(r).__name__})")
+        for key in ("reviewerID", "asin", "unixReviewTime"):
+            if key not in r:
+                raise DataError(f"{path}: line {line_no}: review record without {key!r}")
+        try:
+            t = float(r["unixReviewTime"])
+        except (TypeError, ValueError):
+            t = float("nan")
+        if not np.isfinite(t):
+            raise DataError(
+                f"{path}: line {line_no}: unixReviewTime {r['unixReviewTime']!r} is not a number"
+            )
+        users.append(r["reviewerID"])
+        items.append(r["asin"])
+        times.append(t)
     return InteractionLog(np.array(users, object), np.array(items, object), np.array(times))
+
+
+def read_amazon_meta(
+    path: str | Path,
+    asins: set[str] | None = None,
+    *,
+    categories_list: int = -1,
+    stats: dict[str, int] | None = None,
+) -> dict[str, str]:
+    """asin -> category from a McAuley ``meta_<Cat>.json(.gz)`` file, streamed line by line (memory
+    is the returned dict). A line is a JSON object or -- as in the 2014 files -- a Python dict
+    literal (single quotes), read with :func:`ast.literal_eval` (never ``eval``).
+
+    The category is DIN's ``categories[-1][-1]``: the last element of the last category path
+    (``categories_list=0``: of the first path instead). ``asins``: keep only those items (DIN keeps
+    the meta rows of reviewed items); a line starting ``{'asin': '<id>',`` with an id not in it is
+    skipped without being parsed (fast on the 2 GB Books file, so such a line is not checked).
+
+    Skipped and counted (into ``stats`` when given, keys ``meta_*``): blank lines; records of items
+    not in ``asins``; repeated asins (the first record wins). A record without ``categories`` (or
+    with an empty path or a blank last element) gets the category ``""``, counted as
+    ``meta_no_category``. Categories are stripped of surrounding blanks (the sequence encoder strips
+    history tokens); a ``^`` (the history separator) or line break inside one becomes ``_``
+    (``meta_category_renamed``). Any other malformed line is a one-line DataError naming the file
+    and the line."""
+    if categories_list not in (0, -1):
+        raise ValueError(f"categories_list must be 0 or -1, got {categories_list}")
+    path = Path(path)
+    counts = dict.fromkeys(("meta_lines", "meta_blank", "meta_not_reviewed", "meta_duplicate",
+                            "meta_no_category", "meta_category_renamed"), 0)  # fmt: skip
+    out: dict[str, str] = {}
+    for line_no, line in _numbered_lines(path):
+        counts["meta_lines"] += 1
+        if not line.strip():
+            counts["meta_blank"] += 1
+            continue
+        if asins is not None:
+            m = _META_ASIN_RE.match(line)
+            if m is not None and m.group(3) not in asins:
+                counts["meta_not_reviewed"] += 1
+                continue
+        r = _parse_record(path, line_no, line)
+        if not isinstance(r, dict) or not isinstance(r.get("asin"), (str, int)):
+            raise DataError(f"{path}: line {line_no}: not a meta record with an 'asin'")
+        asin = str(r["asin"])
+        if asins is not None and asin not in asins:
+            counts["meta_not_reviewed"] += 1
+            continue
+        if asin in out:
+            counts["meta_duplicate"] += 1
+            continue
+        paths = r.get("categories")
+        if paths is None:
+            paths = []
+        if not isinstance(paths, (list, tuple)) or not all(
+            isinstance(c, (list, tuple)) and all(isinstance(x, str) for x in c) for c in paths
+        ):
+            raise DataError(
+                f"{path}: line {line_no}: 'categories' of {asin!r} is not a list of lists of "
+                "strings"
+            )
+        cat = paths[categories_list][-1].strip() if paths and paths[categories_list] else ""
+        if not cat:
+            counts["meta_no_category"] += 1
+        elif HIST_SEP in cat or "\n" in cat or "\r" in cat:
+            cat = re.sub(r"[\^\r\n]", "_", cat)
+            counts["meta_category_renamed"] += 1
+        out[asin] = cat
+    counts["meta_kept"] = len(out)
+    if stats is not None:
+        stats.update(counts)
+    return out
+
+
+AMAZON_NO_CATEGORY = "(none)"  # category of a reviewed item with no category in the meta file
+
+# The start of a 2014 meta line, ``{'asin': '0000031852', ...``: enough to skip unwanted items.
+_META_ASIN_RE = re.compile(r"""\s*\{\s*(['"])asin\1\s*:\s*(['"])([^'"\\]*)\2\s*[,}]""")
+
+
+def read_amazon_folder(
+    folder: str | Path, category: str, *, categories_list: int = -1
+) -> InteractionLog:
+    """DIN's input from a folder holding McAuley's ``reviews_<category>_5.json(.gz)`` and
+    ``meta_<category>.json(.gz)`` (plain or gzipped; the ``.gz`` when both are there): the reviews'
+    (reviewerID, asin, unixReviewTime) log, with ``item_cat`` from :func:`read_amazon_meta` limited
+    to the reviewed items. A reviewed item without a meta record, or with no category in it, gets
+    :data:`AMAZON_NO_CATEGORY` (DIN would fail there; every item of the real 5-core files has a
+    record) -- not ``""``, which the sequence encoder would drop from ``hist_cats``, misaligning it
+    with ``hist_items``. Counted in ``info`` as ``items_without_meta``, next to the meta reader's
+    counts."""
+    folder = Path(folder)
+    found = []
+    for name in (f"reviews_{category}_5.json.gz", f"meta_{category}.json.gz"):
+        p = _gz_or_plain(folder / name)
+        if p is None:
+            raise DataError(f"{folder}: neither {name} nor {name[:-3]} found")
+        found.append(p)
+    log = read_amazon_reviews(found[0])
+    asins = set(log.item.tolist())
+    info: dict[str, int] = {"reviews": int(log.user.size), "items": len(asins)}
+    cats = read_amazon_meta(found[1], asins, categories_list=categories_list, stats=info)
+    info["items_without_meta"] = len(asins) - len(cats)
+    log.item_cat = {a: cats.get(a) or AMAZON_NO_CATEGORY for a in asins}
+    log.info = info
+    return log
+
+
+def _gz_or_plain(path: Path) -> Path | None:
+    """``path`` if it is a file, else (for a ``*.gz`` name) the unzipped file beside it, or None."""
+    if path.is_file():
+        return path
+    if path.suffix == ".gz" and path.with_suffix("").is_file():
+        return path.with_suffix("")
+    return None
+
+
+def _numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a UTF-8 text file, gzipped when named ``*.gz``, streamed; a decoding
+    or gzip error is a DataError naming the file and the line."""
+    line_no = 0
+    try:
+        fh = gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(
+            path, encoding="utf-8"
+        )  # fmt: skip
+    except OSError as e:
+        raise DataError(f"{path}: cannot open ({e})") from None
+    with fh:
+        try:
+            for line_no, line in enumerate(fh, start=1):
+                yield line_no, line
+        except (UnicodeDecodeError, OSError, EOFError) as e:
+            raise DataError(
+                f"{path}: line {line_no + 1}: unreadable ({type(e).__name__}: {e})"
+            ) from None
+
+
+def _parse_record(path: Path, line_no: int, line: str) -> object:
+    """A JSON value, or else a Python literal (``ast.literal_eval``, never ``eval``)."""
+    try:
+        return json.loads(line)
+    except ValueError:
+        pass
+    try:
+        return ast.literal_eval(line.strip())
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as e:
+        msg = " ".join(str(e).split()) or type(e).__name__
+        raise DataError(
+            f"{path}: line {line_no}: neither JSON nor a Python literal ({msg})"
+        ) from None
 
 
 def read_din_text(path: str | Path) -> Rows:
@@ -482,6 +671,14 @@ class _Builtin:
     files: tuple[str, ...]  # relative to the folder: what must exist (and keys the build)
     kind: str  # "log" | "din_text" | "fuxictr"
     reader: Callable[[Path], InteractionLog] | None = None  # kind "log": from the folder
+    gz_or_plain: bool = False  # a "*.gz" in ``files`` may instead be there unzipped
+    download: bool = False  # `dpn-jax data download <name>` fetches the files
+
+    def paths(self, folder: Path) -> list[Path | None]:
+        """The file found for each of ``files`` (None: missing)."""
+        if self.gz_or_plain:
+            return [_gz_or_plain(folder / f) for f in self.files]
+        return [folder / f if (folder / f).is_file() else None for f in self.files]
 
 
 BUILTINS: dict[str, _Builtin] = {
@@ -496,6 +693,13 @@ BUILTINS: dict[str, _Builtin] = {
         "amazon_musical_instruments_5core", ("reviews_Musical_Instruments_5.json.gz",), "log",
         lambda d: read_amazon_reviews(d / "reviews_Musical_Instruments_5.json.gz"),
     ),
+    **{
+        f"amazon_{cat.lower()}": _Builtin(
+            f"amazon_{cat.lower()}", (f"reviews_{cat}_5.json.gz", f"meta_{cat}.json.gz"), "log",
+            lambda d, cat=cat: read_amazon_folder(d, cat), gz_or_plain=True, download=True,
+        )
+        for cat in ("Electronics", "Books")
+    },
     "amazon_electronics_din": _Builtin(
         "amazon_electronics_din_paddlerec", ("sample_data.txt",), "din_text"
     ),
@@ -513,11 +717,13 @@ def builtin_folder(name: str, data_dir: str | Path | None = None) -> Path:
     b = BUILTINS[name]
     d = find_data_dir(data_dir)
     folder = d / b.folder
-    missing = [f for f in b.files if not (folder / f).is_file()]
+    missing = [f for f, p in zip(b.files, b.paths(folder), strict=True) if p is None]
     if missing:
+        alt = " (or unzipped, without .gz)" if b.gz_or_plain else ""
+        fetch = f"; `dpn-jax data download {name} --to DIR` fetches them" if b.download else ""
         raise DataError(
             f"{name}: {folder / missing[0]} not found in data dir {d}; set DPN_DATA_DIR (or "
-            f"--data-dir) to a directory holding {b.folder}/ with {', '.join(b.files)}"
+            f"--data-dir) to a directory holding {b.folder}/ with {', '.join(b.files)}{alt}{fetch}"
         )
     return folder
 
@@ -538,11 +744,12 @@ def load_behaviour(
         raise DataError(f"unknown behaviour dataset {name!r}; known: {sorted(BUILTINS)}")
     b = BUILTINS[name]
     folder = builtin_folder(name, data_dir)
-    sources = [folder / f for f in b.files]
+    sources = [p for p in b.paths(folder) if p is not None]
     if b.kind == "log":
-        assert b.reader is not None
+        reader = b.reader
+        assert reader is not None
         return build_behaviour_dataset(
-            b.reader(folder), name, sources=sources, max_len=max_len, seed=seed,
+            lambda: reader(folder), name, sources=sources, max_len=max_len, seed=seed,
             max_users=max_users, out_dir=out_dir, cache_dir=cache_dir, note=f"Source: {b.folder}/",
         )  # fmt: skip
     if max_users is not None:

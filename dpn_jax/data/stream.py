@@ -1,0 +1,328 @@
+"""Two-pass streaming encoder: raw chunks in, the cached dataset layout of :mod:`cache` out.
+
+The built-in paper datasets (Criteo: 45M rows, Avazu: 40M) do not fit in memory as Python
+strings, so they are encoded in bounded memory:
+
+* pass 1 reads every chunk once and counts, on TRAIN rows only, each categorical token
+  (``pyarrow.compute.value_counts`` per chunk, merged by a group-by every few chunks) and the
+  moments of each dense numeric field; it also counts the rows of each split;
+* the vocabulary is fitted exactly as :func:`dpn_jax.data.encode.fit_encoders` does (tokens
+  seen ``>= min_count`` times, most frequent first, ties by the token's code points; a missing
+  cell is the token ``""``), so a streamed dataset equals the in-memory one bit for bit;
+* pass 2 re-reads the chunks and writes ``cat``/``num``/``label`` of each split straight into
+  ``.npy`` memory maps (``pyarrow.compute.index_in`` looks tokens up in C++).
+
+Memory: one chunk of raw columns plus the token counts (O(distinct tokens), not O(rows)).
+The result is written into a temporary directory and renamed into place, like :func:`cache.save`,
+so an interrupted prepare leaves nothing half-written behind; :func:`cache.load` memory-maps it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from dpn_jax.data import cache
+from dpn_jax.data.encode import FieldEncoder, FittedEncoders
+from dpn_jax.data.schema import FIRST, OOV, Dataset, FieldInfo, Schema
+from dpn_jax.errors import DataError
+
+ROLES = ("train", "valid", "test")
+_LOG_MIN_BYTES = 64 << 20  # without a terminal, log progress lines only for inputs this large
+_COMPACT_EVERY = 8  # merge the per-chunk token counts after this many chunks (bounds memory)
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamField:
+    """One encoded field: ``cat`` (text tokens, vocabulary fitted on train) or ``num`` (dense
+    float, standardised with the train mean/std; missing -> 0, the mean)."""
+
+    name: str
+    kind: Literal["cat", "num"]
+    min_count: int = 1
+
+
+class Chunk(NamedTuple):
+    """A block of rows after the dataset's own preprocessing.
+
+    ``columns``: field name -> pyarrow string array (cat; null = missing) or float64 array (num).
+    ``label``: float32 0/1. ``role``: one split for the whole chunk (0 train, 1 valid, 2 test) or
+    a uint8 array with one per row."""
+
+    columns: dict[str, pa.Array]
+    label: np.ndarray
+    role: int | np.ndarray
+
+
+ChunkSource = Callable[["Progress"], Iterable[Chunk]]  # called once per pass
+
+
+class Progress:
+    """Bytes read of the source files, shown as a rich bar on a terminal and as a log line every
+    ~10% elsewhere (``log``)."""
+
+    def __init__(self, total_bytes: int, enabled: bool | None, log: Callable[[str], None]):
+        self.total = max(int(total_bytes), 1)
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.log = log
+        self._bar = None
+        self._task = None
+        self._done = 0
+        self._rows = 0
+        self._t0 = time.perf_counter()
+        self._next_log = 0.1
+        self._desc = ""
+
+    def start(self, desc: str) -> None:
+        self._desc, self._done, self._rows, self._next_log = desc, 0, 0, 0.1
+        self._t0 = time.perf_counter()
+        if self.enabled and self._bar is None:
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                TextColumn,  # fmt: skip
+                TimeRemainingColumn,
+            )
+            from rich.progress import Progress as RichProgress
+
+            self._bar = RichProgress(
+                TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
+                TextColumn("{task.fields[rate]} rows/s"), TimeRemainingColumn(), transient=True)  # fmt: skip
+            self._bar.start()
+        if self._bar is not None:
+            if self._task is not None:
+                self._bar.remove_task(self._task)
+            self._task = self._bar.add_task(desc, total=self.total, rate="-")
+
+    def advance(self, nbytes: int, rows: int = 0) -> None:
+        self._done += nbytes
+        self._rows += rows
+        rate = f"{self._rows / max(time.perf_counter() - self._t0, 1e-9):,.0f}"
+        if self._bar is not None:
+            self._bar.update(self._task, completed=min(self._done, self.total), rate=rate)
+        elif self.total >= _LOG_MIN_BYTES and self._done / self.total >= self._next_log:
+            self.log(f"{self._desc}: {min(self._done / self.total, 1):.0%} "
+                     f"({self._rows:,} rows, {rate} rows/s)")  # fmt: skip
+            while self._next_log <= self._done / self.total:
+                self._next_log += 0.1
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
+# ----------------------------------------------------------------------------- pass 1: statistics
+
+
+class _Stats:
+    def __init__(self, fields: Sequence[StreamField]):
+        self.fields = fields
+        self.rows = [0, 0, 0]
+        self.parts: dict[str, list[pa.Table]] = {f.name: [] for f in fields if f.kind == "cat"}
+        self.moments = {f.name: np.zeros(3) for f in fields if f.kind == "num"}  # n, mean, M2
+
+    def add(self, chunk: Chunk) -> None:
+        n = len(chunk.label)
+        roles = _roles(chunk.role, n)
+        for r in range(3):
+            self.rows[r] += int(np.count_nonzero(roles == r))
+        train = roles == 0
+        if not train.any():
+            return
+        mask = pa.array(train)
+        for f in self.fields:
+            col = chunk.columns[f.name].filter(mask)
+            if f.kind == "cat":
+                vc = pc.value_counts(col.fill_null(""))
+                part = pa.table({"v": vc.field("values"), "c": vc.field("counts")})
+                self.parts[f.name].append(part)
+                if len(self.parts[f.name]) >= _COMPACT_EVERY:
+                    self.parts[f.name] = [_merge(self.parts[f.name])]
+            else:
+                x = np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.float64)
+                x = x[np.isfinite(x)]
+                if x.size:  # Chan et al.'s pairwise update of (n, mean, M2): no cancellation
+                    n0, m0, q0 = self.moments[f.name]
+                    n1, m1 = x.size, float(x.mean())
+                    q1 = float(np.square(x - m1).sum())
+                    d, tot = m1 - m0, n0 + n1
+                    self.moments[f.name] = np.array(
+                        [tot, m0 + d * n1 / tot, q0 + q1 + d * d * n0 * n1 / tot])
+
+    def encoders(self, label: str) -> FittedEncoders:
+        encs: dict[str, FieldEncoder] = {}
+        for f in self.fields:
+            if f.kind == "cat":
+                counts = _merge(self.parts[f.name]) if self.parts[f.name] else None
+                vocab: list[str] = []
+                if counts is not None and counts.num_rows:
+                    kept = counts.filter(pc.greater_equal(counts["c"], f.min_count))
+                    # Same order as encode._fit_vocab: count desc, then the token (UTF-8 byte
+                    # order == code point order == Python's str order).
+                    order = pc.sort_indices(kept, sort_keys=[("c", "descending"), ("v", "ascending")])
+                    vocab = kept["v"].take(order).to_pylist()
+                encs[f.name] = FieldEncoder(f.name, "cat", f.name, vocab=vocab)
+            else:
+                n, mean, m2 = self.moments[f.name]
+                std = float(np.sqrt(m2 / n)) if n else 0.0
+                std = std if std > 0 and np.isfinite(std) else 1.0
+                encs[f.name] = FieldEncoder(f.name, "num", f.name, mean=float(mean), std=std)
+        schema = _layout(self.fields, encs)
+        return FittedEncoders(schema, label, tuple(encs[fi.name] for fi in schema.fields))
+
+
+def _merge(parts: list[pa.Table]) -> pa.Table:
+    t = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+    return t.group_by("v").aggregate([("c", "sum")]).rename_columns(["v", "c"])
+
+
+def _layout(fields: Sequence[StreamField], encs: dict[str, FieldEncoder]) -> Schema:
+    infos, offset = [], 0
+    for col, f in enumerate(x for x in fields if x.kind == "cat"):
+        size = FIRST + len(encs[f.name].vocab or [])
+        infos.append(FieldInfo(f.name, "cat", column=col, offset=offset, vocab_size=size))
+        offset += size
+    for col, f in enumerate(x for x in fields if x.kind == "num"):
+        infos.append(FieldInfo(f.name, "num", column=col))
+    return Schema(fields=tuple(infos), table_size=offset)
+
+
+def _roles(role: int | np.ndarray, n: int) -> np.ndarray:
+    if isinstance(role, (int, np.integer)):
+        return np.full(n, int(role), np.uint8)
+    role = np.asarray(role)
+    if role.shape != (n,):
+        raise ValueError(f"chunk role has shape {role.shape}, expected ({n},)")
+    return role
+
+
+# ----------------------------------------------------------------------------- pass 2: encode
+
+
+def encode_stream(
+    name: str,
+    fields: Sequence[StreamField],
+    source: ChunkSource,
+    directory: str | Path,
+    *,
+    total_bytes: int,
+    meta: dict | None = None,
+    progress: bool | None = None,
+    log: Callable[[str], None] = print,
+) -> Dataset:
+    """Encode ``source`` (read twice) into ``directory`` (created atomically) and load it."""
+    final = Path(directory)
+    if (final / "meta.json").is_file():
+        return cache.load(final)
+    bar = Progress(total_bytes, progress, log)
+    try:
+        stats = _Stats(fields)
+        bar.start(f"{name}: counting")
+        for chunk in source(bar):
+            stats.add(chunk)
+            bar.advance(0, len(chunk.label))
+        for role, n in zip(("valid", "test"), stats.rows[1:], strict=True):
+            if n == 0:
+                raise DataError(f"{name}: the {role} split is empty after reading the source files")
+        if stats.rows[0] == 0:
+            raise DataError(f"{name}: no training rows after reading the source files")
+        enc = stats.encoders(label="label")
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+        try:
+            oov = _write(enc, stats.rows, source, tmp, bar, name)
+            full_meta = {
+                **(meta or {}),
+                "oov_counts": oov,
+                "numeric_stats": {e.name: {"mean": e.mean, "std": e.std}
+                                  for e in enc.fields if e.kind == "num"},
+                "encoders": enc.to_json(),
+            }  # fmt: skip
+            (tmp / "meta.json").write_text(json.dumps({
+                "cache_version": cache.CACHE_VERSION, "name": name, "schema": enc.schema.to_json(),
+                "arrays": {r: ["cat", "label", "num"] for r in ROLES}, "meta": full_meta,
+            }), encoding="utf-8")  # fmt: skip
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                if not (final / "meta.json").is_file():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    finally:
+        bar.close()
+    return cache.load(final)
+
+
+def _write(enc: FittedEncoders, rows: list[int], source: ChunkSource, tmp: Path, bar: Progress,
+           name: str) -> dict[str, dict[str, int]]:  # fmt: skip
+    schema = enc.schema
+    n_cat, n_num = len(schema.cat_fields), len(schema.numeric_fields)
+    out = {}
+    for r, role in enumerate(ROLES):
+        (tmp / role).mkdir()
+        out[role] = {
+            "cat": np.lib.format.open_memmap(tmp / role / "cat.npy", "w+", np.int32, (rows[r], n_cat)),
+            "num": np.lib.format.open_memmap(tmp / role / "num.npy", "w+", np.float32, (rows[r], n_num)),
+            "label": np.lib.format.open_memmap(tmp / role / "label.npy", "w+", np.float32, (rows[r],)),
+        }  # fmt: skip
+    vocab = {e.name: pa.array(e.vocab or [], pa.string()) for e in enc.fields if e.kind == "cat"}
+    cursor = [0, 0, 0]
+    oov = {role: {f.name: 0 for f in schema.cat_fields} for role in ROLES}
+    bar.start(f"{name}: encoding")
+    for chunk in source(bar):
+        n = len(chunk.label)
+        bar.advance(0, n)
+        roles = _roles(chunk.role, n)
+        cat = np.empty((n, n_cat), np.int32)
+        num = np.empty((n, n_num), np.float32)
+        for info in schema.fields:
+            col = chunk.columns[info.name]
+            if info.kind == "cat":
+                idx = pc.index_in(col.fill_null(""), value_set=vocab[info.name])
+                local = np.asarray(idx.fill_null(OOV - FIRST).to_numpy(zero_copy_only=False)) + FIRST
+                cat[:, info.column] = info.offset + local
+                is_oov = local == OOV
+                for r, role in enumerate(ROLES):
+                    oov[role][info.name] += int(np.count_nonzero(is_oov & (roles == r)))
+            else:
+                e = enc.field(info.name)
+                x = np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.float64)
+                z = (x - e.mean) / e.std
+                num[:, info.column] = np.where(np.isfinite(z), z, 0.0)
+        for r, role in enumerate(ROLES):
+            sel = roles == r
+            k = int(np.count_nonzero(sel))
+            if not k:
+                continue
+            lo, hi = cursor[r], cursor[r] + k
+            if hi > rows[r]:
+                raise DataError(f"{name}: the source changed between the two passes (more "
+                                f"{role} rows the second time); prepare again")  # fmt: skip
+            dst = out[role]
+            dst["cat"][lo:hi] = cat[sel]
+            dst["num"][lo:hi] = num[sel]
+            dst["label"][lo:hi] = chunk.label[sel]
+            cursor[r] = hi
+    if cursor != rows:
+        raise DataError(f"{name}: the source changed between the two passes ({cursor} rows "
+                        f"the second time, {rows} the first); prepare again")  # fmt: skip
+    for arrays in out.values():
+        for a in arrays.values():
+            a.flush()
+    return oov
