@@ -84,9 +84,13 @@ class Progress:
         self._t0 = time.perf_counter()
         self._next_log = 0.1
         self._desc = ""
+        self._total_rows: int | None = None
 
-    def start(self, desc: str) -> None:
+    def start(self, desc: str, total_rows: int | None = None) -> None:
+        """A new pass. With ``total_rows`` (known in pass 2) the fraction done counts rows;
+        otherwise bytes read, which run ahead of the rows processed by pyarrow's read-ahead."""
         self._desc, self._done, self._rows, self._next_log = desc, 0, 0, 0.1
+        self._total_rows = total_rows
         self._t0 = time.perf_counter()
         if self.enabled and self._bar is None:
             from rich.progress import (
@@ -110,12 +114,14 @@ class Progress:
         self._done += nbytes
         self._rows += rows
         rate = f"{self._rows / max(time.perf_counter() - self._t0, 1e-9):,.0f}"
+        frac = (self._rows / max(self._total_rows, 1) if self._total_rows is not None
+                else self._done / self.total)  # fmt: skip
+        frac = min(frac, 1.0)
         if self._bar is not None:
-            self._bar.update(self._task, completed=min(self._done, self.total), rate=rate)
-        elif self.total >= _LOG_MIN_BYTES and self._done / self.total >= self._next_log:
-            self.log(f"{self._desc}: {min(self._done / self.total, 1):.0%} "
-                     f"({self._rows:,} rows, {rate} rows/s)")  # fmt: skip
-            while self._next_log <= self._done / self.total:
+            self._bar.update(self._task, completed=frac * self.total, rate=rate)
+        elif rows and self.total >= _LOG_MIN_BYTES and frac >= self._next_log:
+            self.log(f"{self._desc}: {frac:.0%} ({self._rows:,} rows, {rate} rows/s)")
+            while self._next_log <= frac:
                 self._next_log += 0.1
 
     def close(self) -> None:
@@ -284,7 +290,7 @@ def _write(enc: FittedEncoders, rows: list[int], source: ChunkSource, tmp: Path,
     vocab = {e.name: pa.array(e.vocab or [], pa.string()) for e in enc.fields if e.kind == "cat"}
     cursor = [0, 0, 0]
     oov = {role: {f.name: 0 for f in schema.cat_fields} for role in ROLES}
-    bar.start(f"{name}: encoding")
+    bar.start(f"{name}: encoding", total_rows=sum(rows))
     for chunk in source(bar):
         n = len(chunk.label)
         bar.advance(0, n)
