@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from dpn_jax.cli_data import add_data_parser, cmd_data
 from dpn_jax.errors import DpnError
 
 RESULT_KEYS = ("model", "data", "seed", "test_auc", "test_logloss", "valid_auc", "valid_logloss",
@@ -39,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("models", help="list the model registry and each model's options")
     _add_serving_parsers(sub)
     _add_sweep_parser(sub)
+    add_data_parser(sub)
+    _add_evaluate_parser(sub)
     return p
 
 
@@ -213,15 +216,52 @@ def _cmd_sweep(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- evaluation
+
+
+def _add_evaluate_parser(sub) -> None:
+    v = sub.add_parser("evaluate", help="score a bundle on its data's test split: AUC per frequency "
+                                        "bucket of a field (--by-frequency; paper Table 3)")
+    v.add_argument("bundle", help="a bundle directory written by `train --out`")
+    v.add_argument("--by-frequency", required=True, metavar="FIELD",
+                   help="a categorical field: rows are bucketed by how often their value occurs in train")
+    v.add_argument("--buckets", default=None, metavar="SPEC",
+                   help="training-count buckets, e.g. 0,1-5,6-20,21+ (default 0,1-5,6-20,21-50,51+; "
+                        "0 = unseen in train or OOV)")
+    v.add_argument("--split", default="test", choices=["test", "valid"], help="split to score (default test)")
+    v.add_argument("--data", default=None,
+                   help="a built-in name or a dataset spec (.yaml) (default: the bundle's own data)")
+    v.add_argument("--data-dir", default=None, help="where built-in datasets live")
+    v.add_argument("--cache-dir", default=None, help="encoded-split cache")
+    v.add_argument("--out", default=None, help="write by_frequency.md, .json and .png here")
+
+
+def _cmd_evaluate(args) -> int:
+    import shlex
+
+    from dpn_jax.train.by_frequency import evaluate_bundle, render_report, write_report
+
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    report = evaluate_bundle(args.bundle, args.by_frequency, data=args.data, data_dir=args.data_dir,
+                             cache_dir=args.cache_dir, split=args.split, buckets=args.buckets, log=log)
+    if sys.argv[1:2] == ["evaluate"]:
+        report["markdown"] = render_report(report, "dpn-jax " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    print(report["markdown"], flush=True)
+    if args.out:
+        for path in write_report(report, args.out, log=log):
+            log(f"wrote {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from dpn_jax.train import xla_cache
 
-    if args.command != "bench":  # the harness reports compile time: no cached programs there
+    if args.command not in ("bench", "data"):  # bench reports compile time; data compiles nothing
         xla_cache.enable(Path(args.cache_dir) / "xla" if getattr(args, "cache_dir", None) else None)
     try:
         return {"train": _cmd_train, "models": _cmd_models, **SERVING_COMMANDS,
-                "sweep": _cmd_sweep}[args.command](args)
+                "sweep": _cmd_sweep, "data": cmd_data, "evaluate": _cmd_evaluate}[args.command](args)
     except DpnError as err:
         print(f"dpn-jax: error: {err}", file=sys.stderr)
         return 2

@@ -93,7 +93,7 @@ def test_errors_are_one_clear_line(tmp_path: Path, capsys) -> None:
     _expect_error(base + ["--data", str(tmp_path / "nope.yaml")], capsys, "nope.yaml")
     _expect_error(["train", "--model", "dnm", "--data", str(spec)], capsys, "unknown model", "dnn")
     _expect_error(base + ["--data", str(spec), "--set", "lrate=1"], capsys, "lrate", "lr")
-    _expect_error(base + ["--data", "criteo"], capsys, "unknown dataset", "frappe", ".yaml")
+    _expect_error(base + ["--data", "kdd2012"], capsys, "unknown dataset", "frappe", ".yaml")
 
     typo = tmp_path / "typo.yaml"
     typo.write_text(spec.read_text().replace("label:", "lable:"))

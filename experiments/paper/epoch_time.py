@@ -56,6 +56,21 @@ def write_criteo_like(path: Path, rows: int, seed: int = 0) -> None:
             fh.write("\n".join("\t".join(r) for r in zip(*cols, strict=True)) + "\n")
 
 
+def prepare_in_subprocess(data_dir: Path, cache: Path) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MB) of ``dpn-jax data prepare criteo`` in a fresh process."""
+    import subprocess
+
+    code = ("import resource, sys; from dpn_jax.cli import main; code = main(sys.argv[1:]); "
+            "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(code)")  # fmt: skip
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code, "data", "prepare", "criteo", "--data-dir",
+                          str(data_dir), "--cache-dir", str(cache), "--no-progress"],
+                         check=True, capture_output=True, text=True).stdout  # fmt: skip
+    seconds = time.perf_counter() - t0
+    rss_kb = int(next(x for x in out.splitlines() if x.startswith("MAXRSS")).split()[1])
+    return seconds, rss_kb / 1024  # Linux reports KB
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=1_000_000)
@@ -67,23 +82,30 @@ def main(argv: list[str] | None = None) -> int:
 
     measured: dict = {"rows": args.rows, "versions": versions()}
     with tempfile.TemporaryDirectory() as tmp:
-        d = Path(tmp) / "data"
+        d, cache = Path(tmp) / "data", Path(tmp) / "cache"
         (d / "criteo").mkdir(parents=True)
         t0 = time.perf_counter()
         write_criteo_like(d / "criteo" / "train.txt", args.rows)
         size = (d / "criteo" / "train.txt").stat().st_size
         print(f"generated {args.rows:,} rows ({size / 1e6:.0f} MB) in {time.perf_counter() - t0:.0f} s")
-        t0 = time.perf_counter()
-        ds = load_dataset("criteo", data_dir=d, cache_dir=Path(tmp) / "cache", progress=False)
-        prep = time.perf_counter() - t0
-        measured["prepare_s"] = prep
-        measured["prepare_rows_per_s"] = args.rows / prep
+        # The same rows twice: peak memory should not grow with the file (bounded streaming).
+        d2 = Path(tmp) / "data2"
+        (d2 / "criteo").mkdir(parents=True)
+        with open(d2 / "criteo" / "train.txt", "wb") as fh:
+            for _ in range(2):
+                fh.write((d / "criteo" / "train.txt").read_bytes())
+        for key, where in (("prepare", d), ("prepare_2x", d2)):
+            seconds, rss_mb = prepare_in_subprocess(where, cache)
+            measured[key] = {"seconds": seconds, "max_rss_mb": rss_mb}
+            print(f"{key}: {seconds:.1f} s, peak RSS {rss_mb:.0f} MB")
+        measured["prepare_rows_per_s"] = args.rows / measured["prepare"]["seconds"]
         measured["bytes_per_row"] = size / args.rows
+        ds = load_dataset("criteo", data_dir=d, cache_dir=cache, progress=False)
         measured["table_rows"] = ds.schema.table_size
-        print(f"prepare: {prep:.1f} s ({args.rows / prep:,.0f} rows/s); {ds.summary()}")
+        print(ds.summary())
         measured["models"] = {}
         for m in args.models.split(","):
-            r = run_train(m, "criteo", data_dir=str(d), cache_dir=str(Path(tmp) / "cache"),
+            r = run_train(m, "criteo", data_dir=str(d), cache_dir=str(cache),
                           sets=["max_epochs=1", "batch_size=4096"], progress=False, log=lambda s: None)  # fmt: skip
             measured["models"][m] = {"samples_per_s": r["train_samples_per_s"],
                                      "epoch_s": r["train_seconds"], "test_auc": r["test_auc"]}  # fmt: skip
@@ -95,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         f"Measured here (2 CPU cores, {measured['versions']['backend']}): a generated {args.rows:,}-row "
         f"file in Criteo's raw layout ({measured['bytes_per_row']:.0f} bytes/row, "
         f"{measured['table_rows']:,} embedding rows after the min-count-10 cut): prepare "
-        f"{measured['prepare_rows_per_s']:,.0f} rows/s (both passes); train "
+        f"{measured['prepare_rows_per_s']:,.0f} rows/s (both passes) at a peak RSS of "
+        f"{measured['prepare']['max_rss_mb']:,.0f} MB, and {measured['prepare_2x']['max_rss_mb']:,.0f} MB "
+        f"for the same rows twice ({2 * args.rows:,} rows, {measured['prepare_2x']['seconds']:.0f} s); train "
         + ", ".join(f"{m} {measured['models'][m]['samples_per_s']:,.0f} samples/s" for m in models)
         + " at batch 4096.", "",
         "| dataset | rows | train rows | prepare (CPU here) | "
