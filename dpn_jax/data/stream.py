@@ -218,6 +218,27 @@ def _roles(role: int | np.ndarray, n: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- pass 2: encode
 
 
+class _NpyAppender:
+    """A ``.npy`` file of known shape written front to back: plain appends instead of a memory
+    map, so the pages written do not count against the process (and need no random access)."""
+
+    def __init__(self, path: Path, dtype, shape: tuple[int, ...]):
+        self.dtype, self.shape, self.written = np.dtype(dtype), shape, 0
+        self.fh = open(path, "wb")  # noqa: SIM115 - closed in close()
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
+                  "shape": shape}  # fmt: skip
+        np.lib.format.write_array_header_2_0(self.fh, header)
+
+    def append(self, rows: np.ndarray) -> None:
+        self.fh.write(np.ascontiguousarray(rows, dtype=self.dtype).tobytes())
+        self.written += rows.shape[0]
+
+    def close(self) -> None:
+        self.fh.close()
+        if self.written != self.shape[0]:
+            raise AssertionError(f"{self.fh.name}: wrote {self.written} rows of {self.shape[0]}")
+
+
 def encode_stream(
     name: str,
     fields: Sequence[StreamField],
@@ -283,9 +304,9 @@ def _write(enc: FittedEncoders, rows: list[int], source: ChunkSource, tmp: Path,
     for r, role in enumerate(ROLES):
         (tmp / role).mkdir()
         out[role] = {
-            "cat": np.lib.format.open_memmap(tmp / role / "cat.npy", "w+", np.int32, (rows[r], n_cat)),
-            "num": np.lib.format.open_memmap(tmp / role / "num.npy", "w+", np.float32, (rows[r], n_num)),
-            "label": np.lib.format.open_memmap(tmp / role / "label.npy", "w+", np.float32, (rows[r],)),
+            "cat": _NpyAppender(tmp / role / "cat.npy", np.int32, (rows[r], n_cat)),
+            "num": _NpyAppender(tmp / role / "num.npy", np.float32, (rows[r], n_num)),
+            "label": _NpyAppender(tmp / role / "label.npy", np.float32, (rows[r],)),
         }  # fmt: skip
     vocab = {e.name: pa.array(e.vocab or [], pa.string()) for e in enc.fields if e.kind == "cat"}
     cursor = [0, 0, 0]
@@ -321,14 +342,14 @@ def _write(enc: FittedEncoders, rows: list[int], source: ChunkSource, tmp: Path,
                 raise DataError(f"{name}: the source changed between the two passes (more "
                                 f"{role} rows the second time); prepare again")  # fmt: skip
             dst = out[role]
-            dst["cat"][lo:hi] = cat[sel]
-            dst["num"][lo:hi] = num[sel]
-            dst["label"][lo:hi] = chunk.label[sel]
+            dst["cat"].append(cat[sel])
+            dst["num"].append(num[sel])
+            dst["label"].append(chunk.label[sel])
             cursor[r] = hi
     if cursor != rows:
         raise DataError(f"{name}: the source changed between the two passes ({cursor} rows "
                         f"the second time, {rows} the first); prepare again")  # fmt: skip
     for arrays in out.values():
         for a in arrays.values():
-            a.flush()
+            a.close()
     return oov
