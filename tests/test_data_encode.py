@@ -376,9 +376,9 @@ def test_interrupted_write_leaves_no_cache(tmp_path: Path, monkeypatch: pytest.M
 
 def test_load_dataset_dispatch_errors(tmp_path: Path) -> None:
     with pytest.raises(
-        DataError, match=r"unknown dataset 'criteo'.*\['frappe', 'synthetic'.*'amazon_grocery'.*\].*\.yaml"
+        DataError, match=r"unknown dataset 'kdd2012'.*\['frappe', 'synthetic', 'criteo'.*'amazon_grocery'.*\].*\.yaml"
     ):
-        load_dataset("criteo")
+        load_dataset("kdd2012")
     with pytest.raises(DataError, match="apply only to the synthetic"):
         load_dataset("frappe", n=5)
     with pytest.raises(DataError, match="nope.yaml"):
