@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None, command: str | None = None) -> int:
     p.add_argument("--protocol", action="append", default=[], metavar="KEY=VALUE",
                    help="a training option applied to every run (stated once in the table header)")
     p.add_argument("--sequential", action="store_true", help="one run per seed instead of a vmapped sweep")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: write the table from the finished (run, seed) files (n per row)")
     p.add_argument("--synthetic", default="", metavar="KEY=V,...",
                    help="options of the synthetic generator, e.g. rows=60000,vocab=10,contextual=3")
     args = p.parse_args(argv)
@@ -70,6 +72,8 @@ def main(argv: list[str] | None = None, command: str | None = None) -> int:
         missing = [seed for seed in seeds if not paths[seed].exists()]
         t0 = time.perf_counter()
         fresh = []
+        if args.report_only:
+            missing = []
         if missing and args.sequential:
             fresh = [run_train(model, args.data, seed=seed, sets=sets, data_dir=args.data_dir,
                                progress=False, log=lambda s: None) for seed in missing]
@@ -82,9 +86,12 @@ def main(argv: list[str] | None = None, command: str | None = None) -> int:
             paths[r["seed"]].write_text(json.dumps(r, indent=1))
             print(f"{run} seed {r['seed']}: test auc {r['test_auc']:.4f} logloss {r['test_logloss']:.4f} "
                   f"({time.perf_counter() - t0:.0f}s for {len(missing)} seeds)", file=sys.stderr, flush=True)
-        results = [json.loads(paths[seed].read_text()) for seed in seeds]
+        done = [seed for seed in seeds if paths[seed].exists()]
+        if not done:
+            continue
+        results = [json.loads(paths[seed].read_text()) for seed in done]
         rows.append({
-            "run": run, "seeds": seeds,
+            "run": run, "seeds": done,
             "test_auc": [r["test_auc"] for r in results],
             "test_logloss": [r["test_logloss"] for r in results],
             "best_epoch": [r["best_epoch"] for r in results],
@@ -98,11 +105,11 @@ def main(argv: list[str] | None = None, command: str | None = None) -> int:
              f"Command: `{command}`", "",
              *([f"Protocol for every run: `{' '.join(args.protocol)}`", ""] if args.protocol else []),
              f"Versions: {json.dumps(versions())}", "",
-             "| run | test AUC | test logloss | best epoch | params | train samples/s |",
-             "|---|---|---|---|---|---|"]
+             "| run | test AUC | test logloss | seeds | best epoch | params | train samples/s |",
+             "|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: -statistics.mean(r["test_auc"])):
         lines.append(f"| `{r['run']}` | {mean_std(r['test_auc'])} | {mean_std(r['test_logloss'])} | "
-                     f"{', '.join(map(str, r['best_epoch']))} | {r['num_params']:,} | "
+                     f"{len(r['seeds'])} | {', '.join(map(str, r['best_epoch']))} | {r['num_params']:,} | "
                      f"{statistics.mean(r['train_samples_per_s']):,.0f} |")
     lines += ["", "Mean ± sample standard deviation over seeds. Samples/s: jitted train steps only "
               "(compilation excluded), on the machine named in the versions line, per replica when the "

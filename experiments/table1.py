@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default=",".join(m for m in available_models() if m not in SEQUENCE_MODELS))
     p.add_argument("--set", dest="sets", action="append", default=[],
                    help="protocol override for every model, e.g. --set monitor=auc")
+    p.add_argument("--report-only", action="store_true", help="write the table from finished runs only")
     args = p.parse_args(argv)
     stem = Path(__file__).resolve().parent / "results" / f"table1_{Path(args.data).stem}"
     runs = args.models.split(",")
@@ -50,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         forwarded += ["--data-dir", args.data_dir]
     for r in runs:
         forwarded += ["--run", r]
+    if args.report_only:
+        forwarded.append("--report-only")
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     return seeds.main(forwarded, command=command)
 
