@@ -15,6 +15,8 @@ from dpn_jax.cli import main
 from dpn_jax.data import load_dataset, load_spec_dataset, parse_spec
 from dpn_jax.data import stream as stream_mod
 from dpn_jax.data import tabular_builtins as tb
+from dpn_jax.data import transforms
+from dpn_jax.data.encode import FittedEncoders
 from dpn_jax.data.frappe import find_data_dir
 from dpn_jax.data.schema import OOV
 from dpn_jax.errors import DataError
@@ -51,7 +53,8 @@ def _decode(ds, field: str, split: str) -> list[str | None]:
 def test_criteo_int_category_formula() -> None:
     x = np.array([np.nan, -2, 0, 1, 2, 2.0, 3, 10, 1000, 65535])
     expected = ["0", "-2", "0", "1", "2", "2"] + [str(math.floor(math.log(v) ** 2)) for v in (3, 10, 1000, 65535)]
-    assert tb.criteo_int_category(x).to_pylist() == expected
+    assert transforms.criteo_int(x).to_pylist() == expected
+    assert transforms.criteo_int(["", "-2", "0", "1", "2", "2.0", "3", "10", "1000", "65535"]).to_pylist() == expected
 
 
 def test_random_roles_are_chunk_independent_and_proportional() -> None:
@@ -252,3 +255,31 @@ def test_cli_data_list_prepare_and_train(tmp_path: Path, capsys) -> None:
 def test_chunk_role_shape_is_checked() -> None:
     with pytest.raises(ValueError, match="role has shape"):
         stream_mod._roles(np.zeros(3, np.uint8), 4)
+
+
+def test_serving_encoders_apply_the_same_transforms(tmp_path: Path) -> None:
+    """A bundle's encoders turn RAW rows into exactly the training arrays: the criteo integer
+    transform and avazu's hour split are part of the encoder, not only of the prepare step."""
+    hdr, rows = _criteo_rows()
+    _write_tsv(tmp_path / "d" / "criteo" / "train.txt", rows)
+    ds = load_dataset("criteo", data_dir=tmp_path / "d", cache_dir=tmp_path / "c", min_count=2)
+    enc = FittedEncoders.from_json(ds.meta["encoders"])
+    roles = tb.random_roles(0, len(rows), 2021, (0.2, 0.1))
+    test_rows = [r for r, rr in zip(rows, roles, strict=True) if rr == 2]
+    raw = {c: [r[j] for r in test_rows] for j, c in enumerate(hdr)}
+    np.testing.assert_array_equal(enc.transform(raw)["cat"], ds.test["cat"])
+
+    src = _sample("avazu_sample.txt")
+    (tmp_path / "d" / "avazu").mkdir(parents=True)
+    (tmp_path / "d" / "avazu" / "train.csv").symlink_to(src)
+    av = load_dataset("avazu", data_dir=tmp_path / "d", cache_dir=tmp_path / "c", min_count=1)
+    enc = FittedEncoders.from_json(av.meta["encoders"])
+    recs = list(csv.DictReader(src.open()))
+    roles = tb.random_roles(0, len(recs), 2021, (0.1, 0.2))
+    train = [r for r, rr in zip(recs, roles, strict=True) if rr == 0]
+    raw = {c: [r[c] for r in train] for c in recs[0]}
+    raw["hour"] = [int(h) for h in raw["hour"]]  # e.g. pandas reads it as an integer column
+    np.testing.assert_array_equal(enc.transform(raw)["cat"], av.train["cat"])
+    raw["hour"][3] = 14102199
+    with pytest.raises(DataError, match=r"column 'hour' row 4: '14102199' is not YYMMDDHH"):
+        enc.transform(raw)

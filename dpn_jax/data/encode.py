@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from dpn_jax.data import readers
+from dpn_jax.data import readers, transforms
 from dpn_jax.data.schema import FIRST, OOV, Dataset, FieldInfo, Schema, Split
 from dpn_jax.data.spec import DatasetSpec, FieldSpec
 from dpn_jax.errors import DataError
@@ -49,6 +49,7 @@ class FieldEncoder:
     sep: str = ""  # sequence
     max_len: int = 0
     share_vocab: str | None = None
+    transform: str | None = None  # a dpn_jax.data.transforms name applied to the raw column first
     _index: dict[str, int] | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def index(self) -> dict[str, int]:
@@ -102,6 +103,8 @@ class FittedEncoders:
             elif enc.kind == "cat":
                 if enc.edges is not None:
                     local = _bucketise(_to_float(col, enc.column), enc.edges)
+                elif enc.transform is not None:
+                    local = _lookup(transforms.apply(enc.transform, col, enc.column), enc.index())
                 else:
                     local = _lookup(_to_str(col), enc.index())
                 counts[enc.name] = int(np.count_nonzero(local == OOV))

@@ -52,6 +52,8 @@ class StreamField:
     name: str
     kind: Literal["cat", "num"]
     min_count: int = 1
+    column: str | None = None  # the raw column serving reads (default: name)
+    transform: str | None = None  # dpn_jax.data.transforms name the chunks already applied
 
 
 class Chunk(NamedTuple):
@@ -180,12 +182,13 @@ class _Stats:
                     # order == code point order == Python's str order).
                     order = pc.sort_indices(kept, sort_keys=[("c", "descending"), ("v", "ascending")])
                     vocab = kept["v"].take(order).to_pylist()
-                encs[f.name] = FieldEncoder(f.name, "cat", f.name, vocab=vocab)
+                encs[f.name] = FieldEncoder(f.name, "cat", f.column or f.name, vocab=vocab,
+                                            transform=f.transform)  # fmt: skip
             else:
                 n, mean, m2 = self.moments[f.name]
                 std = float(np.sqrt(m2 / n)) if n else 0.0
                 std = std if std > 0 and np.isfinite(std) else 1.0
-                encs[f.name] = FieldEncoder(f.name, "num", f.name, mean=float(mean), std=std)
+                encs[f.name] = FieldEncoder(f.name, "num", f.column or f.name, mean=float(mean), std=std)
         schema = _layout(self.fields, encs)
         return FittedEncoders(schema, label, tuple(encs[fi.name] for fi in schema.fields))
 

@@ -36,6 +36,10 @@ Preprocessing, with its source:
 * ``movielens_tag``: the NFM/AFN libfm files (``label idx:1 idx:1 idx:1`` for user, item, tag;
   label -1/1), train/validation/test as given.
 
+The integer and hour transforms live in :mod:`dpn_jax.data.transforms` and are recorded in each
+field's encoder, so a bundle trained on ``criteo`` or ``avazu`` scores RAW rows (``dpn-jax
+predict`` on Kaggle-layout files) exactly as the training data was encoded.
+
 Malformed input: a line with the wrong number of columns, an unparsable label or number is an
 error naming the file, line and column; ``skip_malformed=True`` (``--skip-malformed``) skips lines
 with a wrong column count instead and records how many in ``ds.meta["skipped_lines"]``. Blank lines
@@ -45,7 +49,6 @@ are not rows.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import hashlib
 import json
 from collections.abc import Callable, Iterator, Sequence
@@ -57,6 +60,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
+from dpn_jax.data import transforms
 from dpn_jax.data.schema import Dataset
 from dpn_jax.data.spec import DEFAULT_SEED
 from dpn_jax.data.stream import Chunk, Progress, StreamField, encode_stream
@@ -95,35 +99,13 @@ class ReadOptions:
 # ----------------------------------------------------------------------------- transforms
 
 
-def criteo_int_category(x: np.ndarray) -> pa.Array:
-    """BARS/FuxiCTR ``convert_to_bucket``: ``floor(ln(v)^2)`` for v > 2, else ``int(v)``; NaN
-    (blank) is 0 first. Returns the categories as text."""
-    v = np.where(np.isnan(x), 0.0, x)
-    big = v > 2
-    out = np.trunc(v).astype(np.int64)  # int(v) truncates toward zero, as Python's int does
-    out[big] = np.floor(np.log(v[big]) ** 2).astype(np.int64)
-    return pc.cast(pa.array(out), pa.string())
-
-
-def avazu_hour(hour: pa.Array, path: Path, first_row: int, locate) -> tuple[pa.Array, pa.Array]:
-    """``YYMMDDHH`` -> (hour of day ``"00".."23"``, weekday ``"0"`` Monday .. ``"6"``)."""
-    text = np.asarray(hour.fill_null("").to_numpy(zero_copy_only=False), dtype=object)
-    bad = [i for i, s in enumerate(text) if len(s) != 8 or not s.isdigit()]
-    uniq, inv = np.unique(text, return_inverse=True)
-    wd = np.empty(len(uniq), dtype=object)
-    for j, s in enumerate(uniq):
-        try:
-            wd[j] = str(datetime.date(2000 + int(s[:2]), int(s[2:4]), int(s[4:6])).weekday())
-            if not 0 <= int(s[6:8]) <= 23:
-                raise ValueError
-        except ValueError:
-            bad.append(int(np.flatnonzero(inv == j)[0]))
-    if bad:
-        i = min(bad)
-        raise DataError(f"{path}: line {locate(first_row + i)}: column 'hour' is {text[i]!r}; "
-                        "expected YYMMDDHH (e.g. 14102100)")  # fmt: skip
-    hod = pa.array([s[6:8] for s in uniq.tolist()], pa.string()).take(pa.array(inv))
-    return hod, pa.array(wd.tolist(), pa.string()).take(pa.array(inv))
+def transformed(name: str, col, path: Path, first: int, locate: _Locator, column: str) -> pa.Array:
+    """A :mod:`transforms` function on one chunk; a bad value names its file and line."""
+    try:
+        return transforms.TRANSFORMS[name](col)
+    except transforms.TransformError as e:
+        raise DataError(f"{path}: line {locate(first + e.index)}: column {column!r} is {e.value!r}; "
+                        f"expected {e.expected}") from None  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- reading
@@ -308,7 +290,7 @@ def _criteo_chunks(files, bar, opts):
     what = "label, I1..I13, C1..C26"
     for b, first, locate in read_csv_chunks(path, bar, opts, sep="\t", columns=cols,
                                             header=False, what=what):  # fmt: skip
-        out = {c: criteo_int_category(numbers(b.column(c), path, first, locate, c)) for c in CRITEO_INT}
+        out = {c: transforms.criteo_int(numbers(b.column(c), path, first, locate, c)) for c in CRITEO_INT}
         out.update({c: b.column(c) for c in CRITEO_CAT})
         y = labels(b.column("label"), path, first, locate, "label")
         yield Chunk(out, y, random_roles(first, b.num_rows, opts.seed, (0.2, 0.1)))
@@ -330,8 +312,10 @@ def _avazu_chunks(files, bar, opts):
     path = files["all"]
     for b, first, locate in read_csv_chunks(path, bar, opts, sep=",", columns=AVAZU_RAW[1:],
                                             header=True, what="Avazu's id, click, hour, C1, ... C21"):  # fmt: skip
-        hod, wd = avazu_hour(b.column("hour"), path, first, locate)
-        out = {"hour": hod, "weekday": wd, **{c: b.column(c) for c in AVAZU_CAT}}
+        hour = b.column("hour").to_numpy(zero_copy_only=False)
+        out = {"hour": transformed("avazu_hour_of_day", hour, path, first, locate, "hour"),
+               "weekday": transformed("avazu_weekday", hour, path, first, locate, "hour"),
+               **{c: b.column(c) for c in AVAZU_CAT}}  # fmt: skip
         y = labels(b.column("click"), path, first, locate, "click")
         yield Chunk(out, y, random_roles(first, b.num_rows, opts.seed, (0.1, 0.2)))
 
@@ -382,7 +366,8 @@ _X1 = {"train": ["train.csv"], "valid": ["valid.csv"], "test": ["test.csv"]}
 BUILTINS: dict[str, TabularBuiltin] = {
     "criteo": TabularBuiltin(
         "criteo", "Criteo Kaggle display-ads raw TSV, winners' integer transform, min count 10",
-        lambda m: (*_cat_fields(CRITEO_INT, m or 10), *_cat_fields(CRITEO_CAT, m or 10)),
+        lambda m: (*(StreamField(c, "cat", m or 10, transform="criteo_int") for c in CRITEO_INT),
+                   *_cat_fields(CRITEO_CAT, m or 10)),
         lambda d: _find(d, {"all": ["train.txt", "train.txt.gz", "dac/train.txt"]},
                         "the Kaggle display-advertising challenge's train.txt"),
         _criteo_chunks),
@@ -392,7 +377,9 @@ BUILTINS: dict[str, TabularBuiltin] = {
         lambda d: _find(d, _X1, "BARS Criteo_x1"), _criteo_x1_chunks),
     "avazu": TabularBuiltin(
         "avazu", "Avazu Kaggle raw CSV, hour -> hour of day + weekday, id dropped, min count 2",
-        lambda m: _cat_fields(("hour", "weekday", *AVAZU_CAT), m or 2),
+        lambda m: (StreamField("hour", "cat", m or 2, transform="avazu_hour_of_day"),
+                   StreamField("weekday", "cat", m or 2, column="hour", transform="avazu_weekday"),
+                   *_cat_fields(AVAZU_CAT, m or 2)),
         lambda d: _find(d, {"all": ["train.gz", "train.csv.gz", "train.csv", "train"]},
                         "the Kaggle avazu-ctr-prediction train file"),
         _avazu_chunks),
