@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 
 from dpn_jax.cli import main
-from dpn_jax.data import load_dataset, load_spec_dataset, parse_spec
+from dpn_jax.data import load_dataset, load_spec_dataset, parse_spec, transforms
 from dpn_jax.data import stream as stream_mod
 from dpn_jax.data import tabular_builtins as tb
-from dpn_jax.data import transforms
 from dpn_jax.data.encode import FittedEncoders
 from dpn_jax.data.frappe import find_data_dir
 from dpn_jax.data.schema import OOV

@@ -340,7 +340,7 @@ def _write(enc: FittedEncoders, rows: list[int], source: ChunkSource, tmp: Path,
             k = int(np.count_nonzero(sel))
             if not k:
                 continue
-            lo, hi = cursor[r], cursor[r] + k
+            hi = cursor[r] + k
             if hi > rows[r]:
                 raise DataError(f"{name}: the source changed between the two passes (more "
                                 f"{role} rows the second time); prepare again")  # fmt: skip
