@@ -38,7 +38,8 @@ Preprocessing, with its source:
 
 The integer and hour transforms live in :mod:`dpn_jax.data.transforms` and are recorded in each
 field's encoder, so a bundle trained on ``criteo`` or ``avazu`` scores RAW rows (``dpn-jax
-predict`` on Kaggle-layout files) exactly as the training data was encoded.
+predict`` on a CSV with columns ``I1..I13, C1..C26``, or Avazu's header) exactly as the training
+data was encoded.
 
 Malformed input: a line with the wrong number of columns, an unparsable label or number is an
 error naming the file, line and column; ``skip_malformed=True`` (``--skip-malformed``) skips lines
