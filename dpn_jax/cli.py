@@ -20,8 +20,9 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train one model on one dataset and report test AUC/logloss")
     t.add_argument("--model", required=True, help="a registry name (see `dpn-jax models`)")
     t.add_argument("--data", required=True,
-                   help="a built-in name (synthetic, frappe, amazon_videogames, amazon_grocery, "
-                        "amazon_instruments, ...; see README) or a dataset spec file (.yaml)")
+                   help="a built-in name (synthetic, frappe, criteo, criteo_x1, avazu_x1, "
+                        "movielens_latest_x1, amazon_grocery, amazon_electronics, ...; `dpn-jax data "
+                        "list` and the README) or a dataset spec file (.yaml)")
     t.add_argument("--data-dir", default=None,
                    help="where built-in datasets live (default: $DPN_DATA_DIR, then ../shared/data)")
     t.add_argument("--cache-dir", default=None,
