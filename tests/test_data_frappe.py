@@ -158,3 +158,19 @@ def test_criteo_sample_spec_with_missing_values(tmp_path: Path) -> None:
     assert ds.train["num"].shape == (120, 13) and np.isfinite(ds.train["num"]).all()
     assert ds.train["cat"].shape == (120, 26)
     assert sum(ds.meta["oov_counts"]["test"].values()) > 0
+
+
+def test_frappe_full_nfm_split_when_the_train_file_exists(tmp_path: Path) -> None:
+    """With frappe.train.libfm (a full download), train/valid/test are the three NFM files."""
+    d = find_data_dir()
+    if not (d / "frappe" / "frappe.validation.libfm").is_file():
+        pytest.skip("../shared/data/frappe not found: set DPN_DATA_DIR")
+    full = tmp_path / "data" / "frappe"
+    full.mkdir(parents=True)
+    lines = (d / "frappe" / "frappe.validation.libfm").read_text().splitlines()
+    (full / "frappe.train.libfm").write_text("\n".join(lines[:3000]) + "\n")  # generated from real rows
+    (full / "frappe.validation.libfm").write_text("\n".join(lines[3000:3500]) + "\n")
+    (full / "frappe.test.libfm").write_text("\n".join(lines[3500:3700]) + "\n")
+    ds = load_dataset("frappe", data_dir=tmp_path / "data", cache_dir=tmp_path / "cache")
+    assert [s["label"].shape[0] for _, s in ds.splits()] == [3000, 500, 200]
+    assert ds.test["label"][0] == (1.0 if lines[3500].split()[0] == "1" else 0.0)

@@ -1,9 +1,10 @@
 """The built-in ``frappe`` dataset (app usage, 10 categorical fields, libfm files).
 
-Only the NFM split's validation (57,722 rows) and test (28,860 rows) files exist in the data dir
-(the original train file is not available), so: train = the validation file minus a seeded 10%
-held out as valid; test = the test file. It goes through the same spec/encode/cache machinery as
-a user's YAML spec.
+With the full NFM split (``frappe.train.libfm`` present, e.g. after ``dpn-jax data download
+frappe``): train / valid / test = the NFM train / validation / test files, as AFN used them.
+Without it (this project's data dir holds only the validation (57,722 rows) and test (28,860 rows)
+files): train = the validation file minus a seeded 10% held out as valid; test = the test file.
+It goes through the same spec/encode/cache machinery as a user's YAML spec.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ FRAPPE_FIELDS = (
 )  # fmt: skip
 FRAPPE_TRAIN = "frappe/frappe.validation.libfm"
 FRAPPE_TEST = "frappe/frappe.test.libfm"
+FRAPPE_FULL_TRAIN = "frappe/frappe.train.libfm"  # the NFM train file, when downloaded
 
 
 def repo_root() -> Path | None:
@@ -78,6 +80,8 @@ def frappe_spec(data_dir: str | Path | None = None, seed: int = DEFAULT_SEED) ->
         "split": {"valid": 0.1, "test": 0.0, "seed": seed},
         "fields": [{"name": n, "type": "categorical"} for n in FRAPPE_FIELDS],
     }
+    if (d / FRAPPE_FULL_TRAIN).is_file():
+        raw.update(train=FRAPPE_FULL_TRAIN, valid=FRAPPE_TRAIN, split={"seed": seed})
     return parse_spec(raw, base_dir=d, source=f"built-in frappe (data dir {d})", default_seed=seed)
 
 
