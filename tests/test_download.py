@@ -379,3 +379,39 @@ def test_bad_remote_file_declarations():
         RemoteFile("http://x/y", "y", sha256="abc")
     with pytest.raises(DataError, match="cannot extract 'y.rar'"):
         RemoteFile("http://x/y", "y.rar", extract=True)
+
+
+def test_data_download_then_prepare_end_to_end(server, tmp_path, monkeypatch, capsys):
+    """`dpn-jax data download` (archive unpacked into a sub-folder, published md5 of the csv files
+    checked) then `dpn-jax data prepare` on what it fetched; a wrong md5 is refused."""
+    import dataclasses
+
+    import numpy as np
+
+    from dpn_jax.cli import main
+    from dpn_jax.data import catalog
+
+    rng = np.random.default_rng(0)
+    header = "label," + ",".join([f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 27)])
+    csvs = {}
+    for split, n in (("train", 80), ("valid", 20), ("test", 20)):
+        rows = [",".join([str(int(rng.random() < 0.3))] + [str(rng.integers(0, 50)) for _ in range(13)]
+                         + [f"{rng.integers(0, 6):08x}" for _ in range(26)]) for _ in range(n)]  # fmt: skip
+        csvs[f"Criteo_x1/{split}.csv"] = ("\n".join([header, *rows]) + "\n").encode()
+    server.files["/Criteo_x1.zip"] = _zip(csvs)
+    md5s = tuple((p.split("/")[1], hashlib.md5(b, usedforsecurity=False).hexdigest()) for p, b in csvs.items())
+    entry = dataclasses.replace(
+        catalog.CATALOG["criteo_x1"], extracted_md5=md5s,
+        files=(download.RemoteFile(server.url("/Criteo_x1.zip"), "Criteo_x1.zip", extract=True),))  # fmt: skip
+    monkeypatch.setitem(catalog.CATALOG, "criteo_x1", entry)
+    data = tmp_path / "data"
+    assert main(["data", "download", "criteo_x1", "--to", str(data), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "train.csv: md5 ok" in out and "next: dpn-jax data prepare criteo_x1" in out
+    assert main(["data", "prepare", "criteo_x1", "--data-dir", str(data), "--cache-dir",
+                 str(tmp_path / "cache"), "--no-progress"]) == 0  # fmt: skip
+    assert "criteo_x1: 39 fields" in capsys.readouterr().out
+    bad = dataclasses.replace(entry, extracted_md5=(("valid.csv", "0" * 32),))
+    monkeypatch.setitem(catalog.CATALOG, "criteo_x1", bad)
+    assert main(["data", "download", "criteo_x1", "--to", str(data), "--no-progress"]) == 2
+    assert "differs from the published" in capsys.readouterr().err
