@@ -62,22 +62,14 @@ def load_dataset(
     if name in TABULAR_BUILTIN:
         from dpn_jax.data.tabular_builtins import load_tabular
 
-        bad = sorted(set(synthetic_kwargs) - set(TABULAR_OPTIONS))
-        if bad:
-            raise DataError(
-                f"options {bad} do not apply to {name!r}; it takes {list(TABULAR_OPTIONS)}"
-            )
+        _check_options(name, synthetic_kwargs, TABULAR_OPTIONS)
         return load_tabular(
             name, data_dir=data_dir, cache_dir=cache_dir, seed=seed, **synthetic_kwargs
         )
     if name in BEHAVIOUR_BUILTIN:
         from dpn_jax.data.behaviour import load_behaviour
 
-        bad = sorted(set(synthetic_kwargs) - set(BEHAVIOUR_OPTIONS))
-        if bad:
-            raise DataError(
-                f"options {bad} do not apply to {name!r}; it takes {list(BEHAVIOUR_OPTIONS)}"
-            )
+        _check_options(name, synthetic_kwargs, BEHAVIOUR_OPTIONS)
         return load_behaviour(
             name, data_dir=data_dir, cache_dir=cache_dir, seed=seed, **synthetic_kwargs
         )
@@ -98,6 +90,12 @@ def load_dataset(
         f"unknown dataset {name!r}; built-in datasets are {list(BUILTIN)}, "
         "and a dataset spec must be a path ending in .yaml (or .yml)"
     )
+
+
+def _check_options(name: str, given: dict, allowed: tuple[str, ...]) -> None:
+    bad = sorted(set(given) - set(allowed))
+    if bad:
+        raise DataError(f"options {bad} do not apply to {name!r}; it takes {list(allowed)}")
 
 
 def load_spec_dataset(

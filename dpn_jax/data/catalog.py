@@ -132,11 +132,9 @@ def verify_extracted(e: CatalogEntry, folder: Path, log=print) -> None:
         hits = [p for p in (folder / rel, *folder.glob(f"*/{rel}")) if p.is_file()]
         if not hits:
             raise DataError(f"{e.name}: {rel} not found under {folder} after unpacking")
-        h = hashlib.md5(usedforsecurity=False)
         with open(hits[0], "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        if h.hexdigest() != md5:
-            raise DataError(f"{hits[0]}: md5 {h.hexdigest()} differs from the published {md5}; "
+            got = hashlib.file_digest(fh, lambda: hashlib.md5(usedforsecurity=False)).hexdigest()
+        if got != md5:
+            raise DataError(f"{hits[0]}: md5 {got} differs from the published {md5}; "
                             "delete the folder and download again")  # fmt: skip
         log(f"{hits[0].name}: md5 ok")

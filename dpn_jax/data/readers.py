@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from dpn_jax.data import transforms
 from dpn_jax.errors import DataError
 
 ColumnKind = Literal["str", "float"]
@@ -119,35 +120,13 @@ def _as_str(col: pa.ChunkedArray) -> np.ndarray:
 
 
 def _as_float(col: pa.ChunkedArray, path: Path, name: str) -> np.ndarray:
-    if (
-        pa.types.is_integer(col.type)
-        or pa.types.is_floating(col.type)
-        or pa.types.is_boolean(col.type)
-    ):
-        return np.asarray(
-            pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64
-        )
-    trimmed = pc.utf8_trim_whitespace(pc.cast(col, pa.string()))
-    trimmed = pc.if_else(pc.equal(trimmed, ""), pa.scalar(None, pa.string()), trimmed)
-    try:  # fast path; the slow loop below only runs to find the offending row
-        return np.asarray(
-            pc.cast(trimmed, pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64
-        )
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        pass
-    values = trimmed.to_pylist()
-    out = np.full(len(values), np.nan)
-    for i, s in enumerate(values):
-        if s is None:
-            continue
-        try:
-            out[i] = float(s)
-        except ValueError:
-            raise DataError(
-                f"{path}: numeric column {name!r} row {i + 1}: cannot parse {s!r} as a number "
-                "(leave the cell empty for a missing value)"
-            ) from None
-    return out
+    try:
+        return transforms.as_float(col)
+    except transforms.TransformError as e:
+        raise DataError(
+            f"{path}: numeric column {name!r} row {e.index + 1}: cannot parse {e.value!r} as a number "
+            "(leave the cell empty for a missing value)"
+        ) from None
 
 
 def parse_labels(

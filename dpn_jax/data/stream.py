@@ -35,8 +35,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dpn_jax.data import cache
-from dpn_jax.data.encode import FieldEncoder, FittedEncoders
-from dpn_jax.data.schema import FIRST, OOV, Dataset, FieldInfo, Schema
+from dpn_jax.data.encode import FieldEncoder, FittedEncoders, _layout
+from dpn_jax.data.schema import FIRST, OOV, Dataset
 from dpn_jax.errors import DataError
 
 ROLES = ("train", "valid", "test")
@@ -189,24 +189,13 @@ class _Stats:
                 std = float(np.sqrt(m2 / n)) if n else 0.0
                 std = std if std > 0 and np.isfinite(std) else 1.0
                 encs[f.name] = FieldEncoder(f.name, "num", f.column or f.name, mean=float(mean), std=std)
-        schema = _layout(self.fields, encs)
+        schema = _layout(tuple(self.fields), encs)  # the in-memory encoder's table layout
         return FittedEncoders(schema, label, tuple(encs[fi.name] for fi in schema.fields))
 
 
 def _merge(parts: list[pa.Table]) -> pa.Table:
     t = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
     return t.group_by("v").aggregate([("c", "sum")]).rename_columns(["v", "c"])
-
-
-def _layout(fields: Sequence[StreamField], encs: dict[str, FieldEncoder]) -> Schema:
-    infos, offset = [], 0
-    for col, f in enumerate(x for x in fields if x.kind == "cat"):
-        size = FIRST + len(encs[f.name].vocab or [])
-        infos.append(FieldInfo(f.name, "cat", column=col, offset=offset, vocab_size=size))
-        offset += size
-    for col, f in enumerate(x for x in fields if x.kind == "num"):
-        infos.append(FieldInfo(f.name, "num", column=col))
-    return Schema(fields=tuple(infos), table_size=offset)
 
 
 def _roles(role: int | np.ndarray, n: int) -> np.ndarray:

@@ -250,19 +250,11 @@ def labels(col: pa.Array, path: Path, first: int, locate: _Locator, name: str) -
 
 def numbers(col: pa.Array, path: Path, first: int, locate: _Locator, name: str) -> np.ndarray:
     """Text -> float64 with NaN for blanks; an unparsable cell names its line and column."""
-    trimmed = pc.utf8_trim_whitespace(col)
-    trimmed = pc.if_else(pc.equal(trimmed, ""), pa.scalar(None, pa.string()), trimmed)
     try:
-        return np.asarray(pc.cast(trimmed, pa.float64()).to_numpy(zero_copy_only=False), np.float64)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        pass
-    for i, s in enumerate(trimmed.to_pylist()):
-        try:
-            float(s) if s is not None else None
-        except ValueError:
-            raise DataError(f"{path}: line {locate(first + i)}: column {name!r} is {s!r}; expected "
-                            "a number (or a blank for missing)") from None  # fmt: skip
-    raise AssertionError("unreachable")
+        return transforms.as_float(col)
+    except transforms.TransformError as e:
+        raise DataError(f"{path}: line {locate(first + e.index)}: column {name!r} is {e.value!r}; "
+                        "expected a number (or a blank for missing)") from None  # fmt: skip
 
 
 def random_roles(first: int, n: int, seed: int, fractions: tuple[float, float]) -> np.ndarray:
@@ -297,18 +289,6 @@ def _criteo_chunks(files, bar, opts):
         yield Chunk(out, y, random_roles(first, b.num_rows, opts.seed, (0.2, 0.1)))
 
 
-def _criteo_x1_chunks(files, bar, opts):
-    for r, role in enumerate(("train", "valid", "test")):
-        path = files[role]
-        for b, first, locate in read_csv_chunks(path, bar, opts, sep=",",
-                                                columns=("label", *CRITEO_INT, *CRITEO_CAT),
-                                                header=True, what="label, I1..I13, C1..C26"):  # fmt: skip
-            out: dict[str, pa.Array] = {c: pa.array(numbers(b.column(c), path, first, locate, c))
-                                        for c in CRITEO_INT}  # fmt: skip
-            out.update({c: b.column(c) for c in CRITEO_CAT})
-            yield Chunk(out, labels(b.column("label"), path, first, locate, "label"), r)
-
-
 def _avazu_chunks(files, bar, opts):
     path = files["all"]
     for b, first, locate in read_csv_chunks(path, bar, opts, sep=",", columns=AVAZU_RAW[1:],
@@ -321,15 +301,18 @@ def _avazu_chunks(files, bar, opts):
         yield Chunk(out, y, random_roles(first, b.num_rows, opts.seed, (0.1, 0.2)))
 
 
-def _csv_x1_chunks(features: Sequence[str], what: str):
+def _csv_x1_chunks(features: Sequence[str], what: str, numeric: Sequence[str] = ()):
+    """BARS train/valid/test csv files; ``numeric`` columns are parsed as dense floats."""
+
     def chunks(files, bar, opts):
         for r, role in enumerate(("train", "valid", "test")):
             path = files[role]
             for b, first, locate in read_csv_chunks(path, bar, opts, sep=",",
-                                                    columns=("label", *features), header=True,
-                                                    what=what):  # fmt: skip
-                y = labels(b.column("label"), path, first, locate, "label")
-                yield Chunk({c: b.column(c) for c in features}, y, r)
+                                                    columns=("label", *numeric, *features),
+                                                    header=True, what=what):  # fmt: skip
+                out = {c: pa.array(numbers(b.column(c), path, first, locate, c)) for c in numeric}
+                out.update({c: b.column(c) for c in features})
+                yield Chunk(out, labels(b.column("label"), path, first, locate, "label"), r)
 
     return chunks
 
@@ -375,7 +358,8 @@ BUILTINS: dict[str, TabularBuiltin] = {
     "criteo_x1": TabularBuiltin(
         "Criteo_x1", "Criteo, BARS/AFN Criteo_x1 split (I1..I13 dense, C1..C26 categorical)",
         lambda m: (*(StreamField(c, "num") for c in CRITEO_INT), *_cat_fields(CRITEO_CAT, m or 1)),
-        lambda d: _find(d, _X1, "BARS Criteo_x1"), _criteo_x1_chunks),
+        lambda d: _find(d, _X1, "BARS Criteo_x1"),
+        _csv_x1_chunks(CRITEO_CAT, "label, I1..I13, C1..C26", numeric=CRITEO_INT)),
     "avazu": TabularBuiltin(
         "avazu", "Avazu Kaggle raw CSV, hour -> hour of day + weekday, id dropped, min count 2",
         lambda m: (StreamField("hour", "cat", m or 2, transform="avazu_hour_of_day"),
@@ -452,7 +436,10 @@ def load_tabular(
 
     def source(bar: Progress) -> Iterator[Chunk]:
         opts.skipped.clear()
-        return b.chunks(files, bar, opts)
+        yield from b.chunks(files, bar, opts)
+        # Read by encode_stream when it writes meta.json, after the last pass.
+        meta["skipped_lines"] = len(opts.skipped)
+        meta["skipped_first"] = [list(s) for s in opts.skipped[:20]]
 
     total = sum(p.stat().st_size for p in files.values())
     ds = encode_stream(name, fields, source, directory, total_bytes=total, meta=meta,
@@ -460,20 +447,8 @@ def load_tabular(
     if not hit and opts.skipped:
         say(f"note  {name}: skipped {len(opts.skipped):,} malformed lines (wrong column count; "
             f"first in {opts.skipped[0][0]})")  # fmt: skip
-        _record_skips(directory, opts.skipped)
-        ds.meta["skipped_lines"] = len(opts.skipped)
     ds.meta["cache"] = {"dir": str(directory), "hit": hit}
     return ds
-
-
-def _record_skips(directory: Path, skipped: list) -> None:
-    meta_path = directory / "meta.json"
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    meta["meta"]["skipped_lines"] = len(skipped)
-    meta["meta"]["skipped_first"] = [list(s) for s in skipped[:20]]
-    tmp = meta_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(meta), encoding="utf-8")
-    tmp.replace(meta_path)
 
 
 def cached_sha256(path: Path, cache_root: Path) -> str:

@@ -31,18 +31,27 @@ class TransformError(DataError):
 
 
 def as_float(col) -> np.ndarray:
-    """Numbers, numeric text or blanks/None (-> NaN) as float64; a TransformError otherwise."""
-    arr = np.asarray(col)
-    if arr.dtype.kind in "fiub":
-        return arr.astype(np.float64).reshape(-1)
-    text = pa.array(["" if v is None else str(v).strip() for v in arr.reshape(-1).tolist()], pa.string())
-    try:
-        return np.asarray(pc.cast(pc.if_else(pc.equal(text, ""), pa.scalar(None, pa.string()), text),
-                                  pa.float64()).to_numpy(zero_copy_only=False), np.float64)  # fmt: skip
+    """Numbers, numeric text or blanks/None (-> NaN) as float64; a TransformError names the first
+    cell that is none of these. Takes pyarrow arrays (the readers' columns), numpy arrays or lists."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    if isinstance(col, pa.Array):
+        if pa.types.is_integer(col.type) or pa.types.is_floating(col.type) or pa.types.is_boolean(col.type):
+            return np.asarray(pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False), np.float64)
+        text = pc.utf8_trim_whitespace(pc.cast(col, pa.string()))
+    else:
+        arr = np.asarray(col)
+        if arr.dtype.kind in "fiub":
+            return arr.astype(np.float64).reshape(-1)
+        text = pa.array(["" if v is None else str(v).strip() for v in arr.reshape(-1).tolist()],
+                        pa.string())  # fmt: skip
+    text = pc.if_else(pc.equal(text, ""), pa.scalar(None, pa.string()), text)
+    try:  # fast path; the loop below only runs to find the offending cell
+        return np.asarray(pc.cast(text, pa.float64()).to_numpy(zero_copy_only=False), np.float64)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         for i, s in enumerate(text.to_pylist()):
             try:
-                float(s) if s else None
+                float(s) if s is not None else None
             except ValueError:
                 raise TransformError(i, s, "a number (or a blank for missing)") from None
         raise
