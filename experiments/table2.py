@@ -5,10 +5,10 @@
 
 Groups (paper Table 2 / NOTES §2-4): ``generator`` (weight-generate instantiations in the first
 DPO layer), ``layers`` (DPO in the first / second / all layers of a 2-layer MLP), ``context``
-(whole input, other fields, one named field), ``aggregation`` (field DPO: self / sum /
-attentive / concat). Each group writes ``experiments/results/table2_<data>_<group>.md`` with
-mean ± std test AUC and logloss, parameters and train samples/s; finished runs are kept and
-skipped on a rerun.
+(whole input, other fields, one named field; raw or LayerNorm-ed), ``aggregation`` (field DPO:
+self / sum / attentive / concat, with and without the context LayerNorm). Each group writes
+``experiments/results/table2_<data>_<group>.md`` with mean ± std test AUC and logloss,
+parameters and train samples/s; finished runs are kept and skipped on a rerun.
 """
 
 from __future__ import annotations
@@ -26,8 +26,10 @@ GROUPS: dict[str, list[str]] = {
     "generator": ["dnn"] + [f"dpn generator={g}" for g in
                             ("lowrank", "hyperdense", "multihead heads=2", "mixture", "diagonal", "rank1")],
     "layers": ["dnn hidden=400,400"] + [f"dpn hidden=400,400 dpo_layers={w}" for w in ("first", "second", "all")],
-    "context": ["dpn context=input", "dpn context=other_fields", "dpn context={field}"],
-    "aggregation": [f"dpn_field aggregation={a}" for a in ("self", "sum", "attentive", "concat")],
+    "context": ["dpn context=input", "dpn context=other_fields", "dpn context={field}",
+                "dpn context_norm=true", "dpn context={field} context_norm=true"],
+    "aggregation": [f"dpn_field aggregation={a}{norm}" for norm in ("", " context_norm=false")
+                    for a in ("self", "sum", "attentive", "concat")],
 }
 CONTEXT_FIELD = {"frappe": "item", "synthetic": "f0"}  # synthetic plants its context in f0
 

@@ -88,6 +88,32 @@ def test_dpn_with_zero_dynamic_part_is_the_dnn(tiny_synthetic):
     assert not np.allclose(np.asarray(a), np.asarray(c))
 
 
+@pytest.mark.parametrize("layers", [1, 2])
+def test_self_field_dpn_is_additive_in_the_fields_and_sum_is_not(layers, tiny_synthetic):
+    """``y_i = g(x_i) x_i`` has no cross-field term: the mixed difference of the logit over two
+    fields' ids is zero (an additive model, LR's class); the summation variant's is not."""
+    cat = np.asarray(tiny_synthetic.train["cat"][:1])
+    a, b = cat[0, 0], cat[0, 1]
+    a2, b2 = tiny_synthetic.train["cat"][:, 0].max(), tiny_synthetic.train["cat"][:, 1].max()
+    assert a != a2 and b != b2
+    rows = np.repeat(cat, 4, axis=0)
+    rows[:, 0] = [a, a, a2, a2]
+    rows[:, 1] = [b, b2, b, b2]
+    batch = {"cat": jnp.asarray(rows), "num": jnp.zeros((4, 0), jnp.float32)}
+    mixed = {}
+    for aggregation in ("self", "sum"):
+        model = build_model("dpn_field", tiny_synthetic.schema, aggregation=aggregation,
+                            layers=layers)
+        v = model.init(jax.random.PRNGKey(0), batch)
+        v = jax.tree_util.tree_map(  # make every path (dynamic parts start small) non-trivial
+            lambda p: p + 0.3 * jax.random.normal(jax.random.PRNGKey(1), p.shape), v)
+        out = np.asarray(model.apply(v, batch), np.float64)
+        mixed[aggregation] = out[0] - out[1] - out[2] + out[3]
+        scale = np.abs(out).max()
+    assert abs(mixed["self"]) < 1e-5 * max(scale, 1.0), (mixed, scale)
+    assert abs(mixed["sum"]) > 1e-2, mixed
+
+
 MODELS = [
     ("dpn", {}),
     ("dpn", {"context": "other_fields"}),

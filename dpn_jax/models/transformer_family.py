@@ -216,6 +216,7 @@ class DyJoint(nn.Module):
     rank: int = 4
     generator_heads: int = 1
     num_kernels: int = 4
+    context_norm: bool = False
     attention_groups: str = "joint"
     blocks: int = 1
     heads: int = 2

@@ -11,11 +11,13 @@ from dpn_jax.nn.dpo_layers import FeatureDPO, _declare
 
 class FieldContextDPO(FeatureDPO):
     """``e [B,F,d] -> [B,features]``: ``Σ_f W(e_{-f}) e_f + mean_f b(e_{-f})`` (NOTES §3,
-    context "other fields"); the generator options are ``FeatureDPO``'s."""
+    context "other fields"); the generator options are ``FeatureDPO``'s.  With ``context_norm``
+    the flattened embedding is normalised once and then each field's block is zeroed."""
 
     @nn.compact
     def __call__(self, e: jax.Array) -> jax.Array:  # type: ignore[override]
-        _, f, d = e.shape
+        b, f, d = e.shape
         gen = self._generator(f * d, f * d)
         params = _declare(self, gen.init)
-        return apply_per_field_context(gen, params, e, leave_one_field_out(e))
+        z = self._normalise(e.reshape(b, f * d)).reshape(b, f, d)
+        return apply_per_field_context(gen, params, e, leave_one_field_out(z))

@@ -49,6 +49,13 @@ class FeatureDPO(nn.Module):
     ``generator``: one of ``dpn_jax.dpo.GENERATORS`` (``"lowrank"`` = Eqn. 5, the default;
     ``heads > 1`` makes it multi-head).  A fresh layer behaves like ``nn.Dense(features)``
     (static part LeCun-initialised, dynamic part ``dynamic_scale`` of it).
+
+    ``context_norm``: ``z`` passes a LayerNorm (learned scale and shift) before the generator, so
+    a context of fresh CTR embeddings (std 1e-4) generates ``dynamic_scale`` of the static part
+    instead of ~1e-5 of it.  Default False: measured on ``dpn`` (3 seeds), the normalised context
+    LOST test AUC, 0.9322 vs 0.9368 on Frappe and 0.7926 vs 0.8024 on ``synthetic`` with a planted
+    context (the raw context grows with the embeddings in training; LayerNorm also discards each
+    instance's embedding scale).  The field DPO needs it (``FieldDPO``).
     """
 
     features: int
@@ -59,7 +66,13 @@ class FeatureDPO(nn.Module):
     hidden_activation: str = "relu"
     use_bias: bool = True
     dynamic_scale: float = dpo.DEFAULT_DYNAMIC_SCALE
+    context_norm: bool = False
     param_dtype: Any = jnp.float32
+
+    def _normalise(self, z: Array) -> Array:
+        if not self.context_norm:
+            return z
+        return nn.LayerNorm(name="context_norm", param_dtype=self.param_dtype)(z)
 
     def _generator(self, in_features: int, context_features: int) -> dpo.WeightGenerator:
         return dpo.make_generator(
@@ -73,7 +86,7 @@ class FeatureDPO(nn.Module):
             raise ValueError(f"FeatureDPO expects x [B,m] and z [B,c], got {x.shape}, {z.shape}")
         gen = self._generator(x.shape[-1], z.shape[-1])
         params = _declare(self, gen.init)
-        return gen.apply(params, x, z)
+        return gen.apply(params, x, self._normalise(z))
 
 
 class FieldDPO(nn.Module):
@@ -83,6 +96,8 @@ class FieldDPO(nn.Module):
     drops ``j = i``), ``"attentive"`` ``Σ_j a_ij g(z_j)x_i`` (``a`` from ``scores`` if given, else a
     learned bilinear attention ``softmax_j(x_iᵀA z_j/√c)``), ``"concat"`` ``g([z_1..z_F])x_i``.
     The generator is shared by all fields; the kernels differ per field and per instance.
+    ``context_norm``: each field's context ``z_i`` passes a LayerNorm before the generator and the
+    attention (as in ``FeatureDPO``; default False here, the models choose).
     """
 
     aggregation: str = "self"
@@ -95,6 +110,7 @@ class FieldDPO(nn.Module):
     use_bias: bool = True
     exclude_self: bool = False
     dynamic_scale: float = dpo.DEFAULT_DYNAMIC_SCALE
+    context_norm: bool = False
     param_dtype: Any = jnp.float32
 
     @nn.compact
@@ -105,6 +121,8 @@ class FieldDPO(nn.Module):
         z = x if z is None else z
         if x.ndim != 3 or z.ndim != 3 or x.shape[:2] != z.shape[:2]:
             raise ValueError(f"FieldDPO expects x [B,F,d] and z [B,F,c], got {x.shape}, {z.shape}")
+        if self.context_norm:
+            z = nn.LayerNorm(name="context_norm", param_dtype=self.param_dtype)(z)
         fields, d, c = x.shape[1], x.shape[2], z.shape[2]
         context = fields * c if self.aggregation == "concat" else c
         gen = dpo.make_generator(
