@@ -50,6 +50,26 @@ def test_per_field_context_equals_explicit_sum(name):
     np.testing.assert_allclose(y, expect, rtol=2e-4, atol=2e-5)
 
 
+def test_other_fields_context_norm_normalises_the_whole_embedding_then_drops_each_field():
+    from dpn_jax.nn.dpo_context import FieldContextDPO
+
+    b, f, d, n = 3, 4, 2, 5
+    e = np.random.default_rng(2).normal(size=(b, f, d)).astype(np.float32)
+    model = FieldContextDPO(n, rank=2, context_norm=True)
+    v = model.init(jax.random.PRNGKey(0), e)
+    v = jax.tree_util.tree_map(lambda p: p + 0.3 * jax.random.normal(jax.random.PRNGKey(1), p.shape), v)
+    p = v["params"]
+    flat = e.reshape(b, -1).astype(np.float64)
+    zn = (flat - flat.mean(-1, keepdims=True)) / np.sqrt(flat.var(-1, keepdims=True) + 1e-6)
+    zn = (zn * p["context_norm"]["scale"] + p["context_norm"]["bias"]).astype(np.float32)
+    gen = dpo.lowrank(f * d, n, f * d, 2)
+    pure = dpo.LowRankParams(dpo.HiddenParams(p["hidden_kernel"], p["hidden_bias"]), p["kernel"],
+                             p["bias"])
+    expect = apply_per_field_context(gen, pure, jnp.asarray(e),
+                                     leave_one_field_out(jnp.asarray(zn.reshape(b, f, d))))
+    np.testing.assert_allclose(model.apply(v, e), expect, rtol=1e-5, atol=1e-5)
+
+
 def test_dpo_layer_indices_and_context_errors(tiny_synthetic):
     assert dpo_layer_indices("first", 3) == {0} and dpo_layer_indices("all", 2) == {0, 1}
     assert dpo_layer_indices("2,3", 3) == {1, 2}
