@@ -4,7 +4,8 @@
     python experiments/table2.py --data synthetic --group generator
 
 Groups (paper Table 2 / NOTES §2-4): ``generator`` (weight-generate instantiations in the first
-DPO layer), ``layers`` (DPO in the first / second / all layers of a 2-layer MLP), ``context``
+DPO layer), ``rank`` (the low-rank generator's ``l``: quality against cost), ``layers`` (DPO in
+the first / second / all layers of a 2-layer MLP), ``context``
 (whole input, other fields, one named field; raw or LayerNorm-ed), ``aggregation`` (field DPO:
 self / sum / attentive / concat, with and without the context LayerNorm). Each group writes
 ``experiments/results/table2_<data>_<group>.md`` with mean ± std test AUC and logloss,
@@ -28,6 +29,7 @@ GROUPS: dict[str, list[str]] = {
     "layers": ["dnn hidden=400,400"] + [f"dpn hidden=400,400 dpo_layers={w}" for w in ("first", "second", "all")],
     "context": ["dpn context=input", "dpn context=other_fields", "dpn context={field}",
                 "dpn context_norm=true", "dpn context={field} context_norm=true"],
+    "rank": ["dnn"] + [f"dpn rank={r}" for r in (1, 2, 4, 8)],
     "aggregation": [f"dpn_field aggregation={a}{norm}" for norm in ("", " context_norm=false")
                     for a in ("self", "sum", "attentive", "concat")],
 }
