@@ -14,6 +14,7 @@ generated shapes (dpn_jax.benchmark.workloads: criteo, frappe, behaviour).
 from __future__ import annotations
 
 import argparse
+import shlex
 import statistics
 import sys
 import time
@@ -76,7 +77,7 @@ def main() -> int:
             rates[name].append(len(feed) * cfg.batch_size / (time.perf_counter() - t0))
     first = next(iter(rates))
     base = statistics.median(rates[first])
-    cmd = "python " + " ".join(sys.argv)
+    cmd = "python " + shlex.join(sys.argv)
     lines = [f"# Train-step throughput on {source}, batch {args.batch_size}", "", f"Command: `{cmd}`",
              "", f"Versions: {versions()}; training options: {train_kw or 'defaults'}", "",
              f"| run | params | samples/s (median of {args.rounds} rounds) | cost per sample vs `{first}` |",
