@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="sets", action="append", default=[],
                    help="protocol override for every run, e.g. --set batch_size=4096")
     p.add_argument("--sequential", action="store_true", help="one run per seed, not a vmapped sweep")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: write the tables from the finished (run, seed) files")
     args = p.parse_args(argv)
     name = Path(args.data).stem
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
@@ -73,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
             forwarded += ["--data-dir", args.data_dir]
         if args.sequential:
             forwarded.append("--sequential")
+        if args.report_only:
+            forwarded.append("--report-only")
         for r in runs:
             forwarded += ["--run", r]
         rc = seeds.main(forwarded, command=command) or rc
