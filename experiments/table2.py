@@ -5,9 +5,9 @@
 
 Groups (paper Table 2 / NOTES §2-4): ``generator`` (weight-generate instantiations in the first
 DPO layer), ``rank`` (the low-rank generator's ``l``: quality against cost), ``layers`` (DPO in
-the first / second / all layers of a 2-layer MLP), ``context``
-(whole input, other fields, one named field; raw or LayerNorm-ed), ``aggregation`` (field DPO:
-self / sum / attentive / concat, with and without the context LayerNorm). Each group writes
+the first / second / all layers of a 2-layer MLP), ``context`` (whole input, other fields, one
+named field; raw or LayerNorm-ed), ``aggregation`` (field DPO: self / sum / attentive / concat,
+with and without the context LayerNorm). Each group writes
 ``experiments/results/table2_<data>_<group>.md`` with mean ± std test AUC and logloss,
 parameters and train samples/s; finished runs are kept and skipped on a rerun.
 """

@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 
 from dpn_jax.dpo.per_field import apply_per_field_context, leave_one_field_out
-from dpn_jax.nn.dpo_layers import FeatureDPO, _declare
+from dpn_jax.nn.dpo_layers import FeatureDPO, _declare, normalise_context
 
 
 class FieldContextDPO(FeatureDPO):
@@ -19,5 +19,6 @@ class FieldContextDPO(FeatureDPO):
         b, f, d = e.shape
         gen = self._generator(f * d, f * d)
         params = _declare(self, gen.init)
-        z = self._normalise(e.reshape(b, f * d)).reshape(b, f, d)
+        z = normalise_context(e.reshape(b, f * d), self.context_norm, self.param_dtype)
+        z = z.reshape(b, f, d)
         return apply_per_field_context(gen, params, e, leave_one_field_out(z))

@@ -43,6 +43,14 @@ def _declare(module: nn.Module, init_fn: Callable[[jax.Array], Any]) -> Any:
     return declare((), template)
 
 
+def normalise_context(z: Array, enabled: bool, param_dtype: Any = jnp.float32) -> Array:
+    """The DPO layers' optional context LayerNorm (param name ``context_norm``), created in the
+    calling module's compact ``__call__``; ``z`` unchanged when not ``enabled``."""
+    if not enabled:
+        return z
+    return nn.LayerNorm(name="context_norm", param_dtype=param_dtype)(z)
+
+
 class FeatureDPO(nn.Module):
     """Feature-based DPO ("DyMLP", NOTES §3): ``y = W(z) x + b(z)``, ``x [B,m], z [B,c] -> [B,features]``.
 
@@ -71,11 +79,6 @@ class FeatureDPO(nn.Module):
     context_norm: bool = False
     param_dtype: Any = jnp.float32
 
-    def _normalise(self, z: Array) -> Array:
-        if not self.context_norm:
-            return z
-        return nn.LayerNorm(name="context_norm", param_dtype=self.param_dtype)(z)
-
     def _generator(self, in_features: int, context_features: int) -> dpo.WeightGenerator:
         return dpo.make_generator(
             self.generator, in_features, self.features, context_features, rank=self.rank,
@@ -88,7 +91,7 @@ class FeatureDPO(nn.Module):
             raise ValueError(f"FeatureDPO expects x [B,m] and z [B,c], got {x.shape}, {z.shape}")
         gen = self._generator(x.shape[-1], z.shape[-1])
         params = _declare(self, gen.init)
-        return gen.apply(params, x, self._normalise(z))
+        return gen.apply(params, x, normalise_context(z, self.context_norm, self.param_dtype))
 
 
 class FieldDPO(nn.Module):
@@ -123,8 +126,7 @@ class FieldDPO(nn.Module):
         z = x if z is None else z
         if x.ndim != 3 or z.ndim != 3 or x.shape[:2] != z.shape[:2]:
             raise ValueError(f"FieldDPO expects x [B,F,d] and z [B,F,c], got {x.shape}, {z.shape}")
-        if self.context_norm:
-            z = nn.LayerNorm(name="context_norm", param_dtype=self.param_dtype)(z)
+        z = normalise_context(z, self.context_norm, self.param_dtype)
         fields, d, c = x.shape[1], x.shape[2], z.shape[2]
         context = fields * c if self.aggregation == "concat" else c
         gen = dpo.make_generator(

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from dpn_jax import dpo
 from dpn_jax.dpo import sequence as seq_dpo
 from dpn_jax.errors import ConfigError
-from dpn_jax.nn.dpo_layers import _declare
+from dpn_jax.nn.dpo_layers import _declare, normalise_context
 from dpn_jax.nn.mlp import ACTIVATIONS
 
 Array = jax.Array
@@ -122,8 +122,7 @@ class QueryBehaviourDPO(nn.Module):
         if x.ndim != 3 or q.ndim != 2 or x.shape[0] != q.shape[0]:
             raise ValueError(f"QueryBehaviourDPO expects x [B,L,m] and q [B,c], got {x.shape}, "
                              f"{q.shape}")
-        if self.context_norm:
-            q = nn.LayerNorm(name="context_norm", param_dtype=self.param_dtype)(q)
+        q = normalise_context(q, self.context_norm, self.param_dtype)
         gen = dpo.make_generator(
             self.generator, x.shape[-1], self.features, q.shape[-1], rank=self.rank,
             heads=self.heads, num_kernels=self.num_kernels, activation=self.hidden_activation,
