@@ -133,24 +133,87 @@ def test_dynamic_conv_errors():
 # heterogeneous DPO: query-generated kernel applied to every behaviour
 
 
+def random_generator_params(gen, seed: int = 2):
+    shapes = jax.eval_shape(gen.init, jax.random.key(0))
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: jnp.asarray(0.5 * rng.normal(size=s.shape), s.dtype), shapes)
+
+
+@pytest.mark.parametrize("materialize", [True, False])
 @pytest.mark.parametrize("family", ["lowrank", "mixture", "hyperdense", "rank1"])
-def test_query_behaviour_dpo_equals_materialised_kernel(family):
+def test_query_behaviour_dpo_equals_materialised_kernel(family, materialize):
+    """Both evaluations (per-instance kernel, fused coefficients) equal ``W(q) x_i + b(q)``."""
     x, mask = sequences(b=3, length=5, d=4)
     q = np.random.default_rng(4).normal(size=(3, 3)).astype(np.float32)
     gen = dpo.make_generator(family, 4, 6, 3, rank=2)
-    shapes = jax.eval_shape(gen.init, jax.random.key(0))
-    rng = np.random.default_rng(2)
-    params = jax.tree.map(lambda s: jnp.asarray(0.5 * rng.normal(size=s.shape), s.dtype), shapes)
-    y = np.asarray(jax.jit(lambda p, x, q, m: sq.query_behaviour_apply(gen, p, x, q, m))(
-        params, garbage_at_padding(x, mask), q, mask))
+    params = random_generator_params(gen)
+    y = np.asarray(jax.jit(lambda p, x, q, m: sq.query_behaviour_apply(
+        gen, p, x, q, m, materialize=materialize))(params, garbage_at_padding(x, mask), q, mask))
     w, b = (np.asarray(t) for t in sq.query_behaviour_kernels(gen, params, jnp.asarray(q)))
     expect = np.einsum("bnm,blm->bln", w, x) + b[:, None]
     expect = np.where(mask[..., None], expect, 0)
     np.testing.assert_allclose(y, expect, rtol=1e-4, atol=1e-5)
     # without a mask every step is valid
-    y_all = np.asarray(sq.query_behaviour_apply(gen, params, x, q))
+    y_all = np.asarray(sq.query_behaviour_apply(gen, params, x, q, materialize=materialize))
     np.testing.assert_allclose(y_all, np.einsum("bnm,blm->bln", w, x) + b[:, None],
                                rtol=1e-4, atol=1e-5)
+
+
+def din_features_reference(q, keys):
+    qb = np.broadcast_to(q[:, None], keys.shape)
+    return np.concatenate([qb, keys, qb - keys, qb * keys], -1)
+
+
+class TestDINFeaturesDense(chex.TestCase):
+    """``[q, k, q−k, q⊙k] W + b`` computed as ``c(q) + k M(q)`` equals the concatenated form."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_static_and_per_instance_kernels(self):
+        rng = np.random.default_rng(11)
+        b, length, d, n = 3, 5, 4, 6
+        q = rng.normal(size=(b, d)).astype(np.float32)
+        keys = rng.normal(size=(b, length, d)).astype(np.float32)
+        feats = din_features_reference(q, keys)
+        np.testing.assert_allclose(np.asarray(sq.din_features(q, keys)), feats, rtol=1e-6)
+        w = rng.normal(size=(4 * d, n)).astype(np.float32)
+        bias = rng.normal(size=(n,)).astype(np.float32)
+        y = self.variant(sq.din_features_dense)(q, keys, w, bias)
+        np.testing.assert_allclose(np.asarray(y), feats @ w + bias, rtol=1e-5, atol=1e-5)
+        wb = rng.normal(size=(b, 4 * d, n)).astype(np.float32)
+        bb = rng.normal(size=(b, n)).astype(np.float32)
+        y = self.variant(sq.din_features_dense)(q, keys, wb, bb)
+        np.testing.assert_allclose(np.asarray(y), np.einsum("blm,bmn->bln", feats, wb) + bb[:, None],
+                                   rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="4 x the behaviour size"):
+            sq.din_features_dense(q, keys, w[:-1], bias)
+
+
+@pytest.mark.parametrize("family", ["lowrank", "hyperdense", "mixture"])
+def test_query_behaviour_din_apply_equals_the_dpo_on_din_features(family):
+    keys, mask = sequences(b=3, length=5, d=4)
+    q = np.random.default_rng(4).normal(size=(3, 4)).astype(np.float32)
+    z = np.random.default_rng(5).normal(size=(3, 2)).astype(np.float32)
+    gen = dpo.make_generator(family, 16, 6, 2, rank=2)
+    params = random_generator_params(gen)
+    y = jax.jit(lambda p, z, q, k, m: sq.query_behaviour_din_apply(gen, p, z, q, k, m))(
+        params, z, q, garbage_at_padding(keys, mask), mask)
+    w, b = (np.asarray(t) for t in sq.query_behaviour_kernels(gen, params, jnp.asarray(z)))
+    feats = din_features_reference(q, np.where(mask[..., None], keys, 0))
+    expect = np.where(mask[..., None], np.einsum("bnm,blm->bln", w, feats) + b[:, None], 0)
+    np.testing.assert_allclose(np.asarray(y), expect, rtol=1e-4, atol=1e-5)
+
+
+def test_din_first_layer_initialises_like_dense():
+    """The decomposed first layer keeps ``nn.Dense``'s names and initial values (checkpoints and
+    seeds written before it load and reproduce)."""
+    import flax.linen as nn
+
+    from dpn_jax.nn.sequence_layers import DINFeaturesDense
+
+    q, keys = jnp.ones((2, 3)), jnp.ones((2, 4, 3))
+    mine = DINFeaturesDense(5).init(jax.random.key(1), q, keys)
+    dense = nn.Dense(5).init(jax.random.key(1), jnp.ones((2, 12)))
+    chex.assert_trees_all_equal(mine, dense)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -194,25 +194,98 @@ def query_behaviour_kernels(gen: WeightGenerator, params: Any, q: Array) -> tupl
 
 
 def query_behaviour_apply(gen: WeightGenerator, params: Any, x: Array, q: Array,
-                          mask: Array | None = None) -> Array:
-    """Heterogeneous DPO, fused: ``y_i = m_i (W(q) x_i + b(q))``.
+                          mask: Array | None = None, *, materialize: bool | None = None) -> Array:
+    """Heterogeneous DPO: ``y_i = m_i (W(q) x_i + b(q))``.
 
     ``x [B,L,m]`` (``m = gen.in_features``), ``q [B,c]`` (``c = gen.context_features``),
-    ``mask [B,L]`` (None: every step valid) ``-> [B,L,n]``.  The coefficients ``κ(q)`` are
-    computed once per instance and shared by its ``L`` steps; padded steps give zeros.
+    ``mask [B,L]`` (None: every step valid) ``-> [B,L,n]``; padded steps give zeros.
+
+    Two exact evaluations (same function, float rounding aside): ``materialize=True`` builds
+    each instance's kernel once (``gen.generate``, ``O(B·K·m·n)``) and applies it to the ``L``
+    steps (``O(B·L·m·n)``); ``False`` is the fused form of the generator (coefficients ``κ(q)``
+    broadcast to the steps, ``O(B·L·K·m·n)`` for a ``K``-term basis, no ``[B,n,m]`` kernel).
+    ``None`` (default) materialises when the sequence is longer than one step: measured on
+    DIN's attention (L=50, rank 4) the step of ``din_dpo`` fell from 187 to 60 ms at batch 1024.
     """
     chex.assert_rank([x, q], [3, 2])
     chex.assert_equal_shape_prefix([x, q], 1)
     chex.assert_axis_dimension(x, 2, gen.in_features)
     chex.assert_axis_dimension(q, 1, gen.context_features)
     bsz, length, m = x.shape
-    coef = gen.coefficients(params, q)
-    coef = jax.tree.map(
-        lambda a: jnp.broadcast_to(a[:, None], (bsz, length) + a.shape[1:]).reshape(
-            (bsz * length,) + a.shape[1:]), coef)
     if mask is not None:
         chex.assert_shape(mask, (bsz, length))
         x = jnp.where(mask[..., None], x, 0)
-    y = gen.apply_coefficients(params, x.reshape(bsz * length, m), coef)
-    y = y.reshape(bsz, length, gen.out_features)
+    if materialize is None:
+        materialize = length > 1
+    if materialize:
+        w, b = gen.generate(params, q)  # [B,n,m], [B,n]
+        y = jnp.einsum("blm,bnm->bln", x, w) + b[:, None]
+    else:
+        coef = gen.coefficients(params, q)
+        coef = jax.tree.map(
+            lambda a: jnp.broadcast_to(a[:, None], (bsz, length) + a.shape[1:]).reshape(
+                (bsz * length,) + a.shape[1:]), coef)
+        y = gen.apply_coefficients(params, x.reshape(bsz * length, m), coef)
+        y = y.reshape(bsz, length, gen.out_features)
+    return y if mask is None else jnp.where(mask[..., None], y, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# DIN's attention features [q, k, q−k, q⊙k] times a kernel, without building them
+
+
+def din_features(q: Array, keys: Array) -> Array:
+    """DIN's activation-unit input ``[q, k_i, q−k_i, q⊙k_i]``: ``[B,d], [B,L,d] -> [B,L,4d]``."""
+    qb = jnp.broadcast_to(q[:, None], keys.shape)
+    return jnp.concatenate([qb, keys, qb - keys, qb * keys], axis=-1)
+
+
+def din_features_dense(q: Array, keys: Array, kernel: Array, bias: Array | None = None) -> Array:
+    """``din_features(q, k) @ kernel + bias`` without the ``[B,L,4d]`` features.
+
+    With the kernel's row blocks ``W = [W_q; W_k; W_d; W_p]`` (each ``[d,n]``)::
+
+        [q, k_i, q−k_i, q⊙k_i] W  =  q (W_q + W_d)  +  k_i (W_k − W_d + diag(q) W_p)
+                                  =  c(q)           +  k_i M(q)
+
+    so the query part is computed once per instance and each step costs ``2d×n`` (a static
+    kernel: ``[k_i, q⊙k_i]`` times ``[W_k − W_d; W_p]``) or ``d×n`` (a per-instance kernel:
+    ``k_i M(q)``) instead of ``4d×n``.  ``kernel [4d,n]`` (static, DIN) or ``[B,4d,n]`` (one per instance: a
+    query-generated kernel, DIN-DPO); ``bias [n]`` or ``[B,n]``.  ``-> [B,L,n]``.
+    """
+    chex.assert_rank([q, keys], [2, 3])
+    d = keys.shape[-1]
+    if kernel.shape[-2] != 4 * d:
+        raise ValueError(f"din_features_dense: kernel {kernel.shape} needs {4 * d} input rows "
+                         f"(4 x the behaviour size {d})")
+    wq, wk, wd, wp = jnp.split(kernel, 4, axis=-2)
+    if kernel.ndim == 2:
+        # One GEMM [k_i, q⊙k_i] @ [W_k − W_d; W_p] (2d rows): on CPU a large GEMM runs ~10x
+        # faster per FLOP than the batched d×n products of k_i M(q) (XLA:CPU, measured).
+        c = q @ (wq + wd)  # [B,n]
+        kq = jnp.concatenate([keys, q[:, None] * keys], axis=-1)
+        y = kq @ jnp.concatenate([wk - wd, wp], axis=0) + c[:, None]
+    else:
+        chex.assert_rank(kernel, 3)
+        c = jnp.einsum("bd,bdn->bn", q, wq + wd)
+        m = (wk - wd) + q[:, :, None] * wp  # M(q) [B,d,n]
+        y = jnp.einsum("bld,bdn->bln", keys, m) + c[:, None]
+    if bias is not None:
+        y = y + (bias if bias.ndim == 1 else bias[:, None])
+    return y
+
+
+def query_behaviour_din_apply(gen: WeightGenerator, params: Any, z: Array, q: Array,
+                              keys: Array, mask: Array | None = None) -> Array:
+    """:func:`query_behaviour_apply` on DIN's features ``[q, k_i, q−k_i, q⊙k_i]`` (``gen``'s
+    ``in_features = 4d``) with the kernel generated from the context ``z [B,c]`` (the query, or
+    its normalised form), through :func:`din_features_dense` on the materialised kernel:
+    ``q [B,d], keys [B,L,d], mask [B,L] -> [B,L,n]``; padded steps give zeros."""
+    chex.assert_rank([z, q, keys], [2, 2, 3])
+    chex.assert_axis_dimension(z, 1, gen.context_features)
+    chex.assert_axis_dimension(q, 1, gen.in_features // 4)
+    if mask is not None:
+        keys = jnp.where(mask[..., None], keys, 0)
+    w, b = gen.generate(params, z)  # [B,n,4d], [B,n]
+    y = din_features_dense(q, keys, jnp.swapaxes(w, 1, 2), b)
     return y if mask is None else jnp.where(mask[..., None], y, 0)

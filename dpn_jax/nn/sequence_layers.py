@@ -115,20 +115,44 @@ class QueryBehaviourDPO(nn.Module):
     use_bias: bool = True
     dynamic_scale: float = dpo.DEFAULT_DYNAMIC_SCALE
     context_norm: bool = True
+    din_features: bool = False
     param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: Array, q: Array, mask: Array | None = None) -> Array:
+        """``din_features=True``: ``x`` are the behaviours ``k_i [B,L,d]`` and the layer applies
+        to DIN's ``[q, k_i, q−k_i, q⊙k_i]`` (``m = 4d``) without building them
+        (:func:`dpn_jax.dpo.sequence.query_behaviour_din_apply`)."""
         if x.ndim != 3 or q.ndim != 2 or x.shape[0] != q.shape[0]:
             raise ValueError(f"QueryBehaviourDPO expects x [B,L,m] and q [B,c], got {x.shape}, "
                              f"{q.shape}")
-        q = normalise_context(q, self.context_norm, self.param_dtype)
+        z = normalise_context(q, self.context_norm, self.param_dtype)
+        in_features = 4 * x.shape[-1] if self.din_features else x.shape[-1]
         gen = dpo.make_generator(
-            self.generator, x.shape[-1], self.features, q.shape[-1], rank=self.rank,
+            self.generator, in_features, self.features, z.shape[-1], rank=self.rank,
             heads=self.heads, num_kernels=self.num_kernels, activation=self.hidden_activation,
             use_bias=self.use_bias, dynamic_scale=self.dynamic_scale, dtype=self.param_dtype)
         params = _declare(self, gen.init)
-        return seq_dpo.query_behaviour_apply(gen, params, x, q, mask)
+        if self.din_features:
+            return seq_dpo.query_behaviour_din_apply(gen, params, z, q, x, mask)
+        return seq_dpo.query_behaviour_apply(gen, params, x, z, mask)
+
+
+class DINFeaturesDense(nn.Module):
+    """``nn.Dense(features)`` on DIN's ``[q, k_i, q−k_i, q⊙k_i]`` computed as ``c(q) + k_i M(q)``
+    (:func:`dpn_jax.dpo.sequence.din_features_dense`: one ``d×n`` product per step instead of
+    ``4d×n``).  Parameters ``kernel [4d,n]`` and ``bias [n]`` with ``nn.Dense``'s names and
+    initialisers, so it is a drop-in for the Dense layer it replaces (same init, same checkpoints)."""
+
+    features: int
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, q: Array, keys: Array) -> Array:
+        kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                            (4 * keys.shape[-1], self.features), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+        return seq_dpo.din_features_dense(q, keys, kernel, bias)
 
 
 class DynamicConv(nn.Module):
@@ -205,13 +229,16 @@ class DINAttention(nn.Module):
             raise ConfigError("DIN attention with dpo=True needs at least one hidden layer "
                               "(the DPO replaces the first one)")
         keys = jnp.where(mask[..., None], keys, 0)  # padded values never reach a parameter
-        qb = jnp.broadcast_to(q[:, None], keys.shape)
-        h = jnp.concatenate([qb, keys, qb - keys, qb * keys], axis=-1)
+        # The first layer never builds [q, k_i, q−k_i, q⊙k_i]: it is c(q) + k_i M(q)
+        # (dpo.sequence.din_features_dense), 4x fewer FLOPs per step, same parameters.
+        h = None if self.hidden else seq_dpo.din_features(q, keys)
         for i, width in enumerate(self.hidden):
             if i == 0 and self.dpo:
-                x = h if self.dpo_input == "features" else keys
                 h = QueryBehaviourDPO(width, self.generator, self.rank, self.heads,
-                                      self.num_kernels, name="dpo_0")(x, q, mask)
+                                      self.num_kernels, din_features=self.dpo_input == "features",
+                                      name="dpo_0")(keys, q, mask)
+            elif i == 0:
+                h = DINFeaturesDense(width, name="dense_0")(q, keys)
             else:
                 h = nn.Dense(width, name=f"dense_{i}")(h)
             h = Activation(self.act, self.momentum, name=f"act_{i}")(h, train, mask)
