@@ -191,3 +191,19 @@ def test_synthetic_bundle_takes_value_indices_or_encoded_arrays(tmp_path: Path, 
     np.testing.assert_allclose(model.predict(values), expected, **TOL)
     info = json.loads((tmp_path / "dataset.json").read_text())
     assert info["builtin"] == "synthetic" and info["synthetic"]["fields"] == 4
+
+
+def test_an_option_a_bundle_predates_gets_its_legacy_value() -> None:
+    """dpn_field bundles saved before ``context_norm`` existed had no context LayerNorm: they
+    rebuild without one (and load); a bundle that records the option keeps its value."""
+    from dpn_jax.models import legacy_options, model_options
+    from dpn_jax.serving.latency import frappe_like_schema
+    from dpn_jax.serving.predictor import rebuild_model
+
+    schema = frappe_like_schema()
+    old = {k: v for k, v in model_options("dpn_field").items() if k != "context_norm"}
+    assert legacy_options("dpn_field", old) == {"context_norm": False}
+    assert rebuild_model("dpn_field", old, schema).context_norm is False
+    assert rebuild_model("dpn_field", {**old, "context_norm": True}, schema).context_norm is True
+    assert model_options("dpn_field")["context_norm"] is True  # today's default is unchanged
+    assert legacy_options("dnn", {}) == {}

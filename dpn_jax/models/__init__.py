@@ -15,10 +15,11 @@ from dpn_jax.models.registry import (
     available_models,
     build_model,
     get_model_class,
+    legacy_options,
     model_options,
     model_summary,
     register,
 )
 
-__all__ = ["available_models", "build_model", "get_model_class", "model_options",
+__all__ = ["available_models", "build_model", "get_model_class", "legacy_options", "model_options",
            "model_summary", "register"]

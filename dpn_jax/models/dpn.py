@@ -138,7 +138,7 @@ class _FieldInteraction(nn.Module):
         return x.reshape(x.shape[0], -1)
 
 
-@register("dpn_field")
+@register("dpn_field", legacy={"context_norm": False})  # option added 2026-11-29
 class DPNField(nn.Module):
     """Field-based DPN alone: field DPO y_i = f(x_i; g(z)) over field embeddings -> output layer.
 
@@ -184,7 +184,7 @@ class DPNField(nn.Module):
         return LinearTerm(self.schema, name="linear")(batch) + nn.Dense(1, name="out")(y)[:, 0]
 
 
-@register("dpn_field_dnn")
+@register("dpn_field_dnn", legacy={"context_norm": False})  # option added 2026-11-29
 class DPNFieldDNN(nn.Module):
     """Field-based DPN with a DNN in parallel: [field DPO output | DNN(embeddings)] -> logit.
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -18,17 +18,33 @@ from dpn_jax.data.schema import Schema
 from dpn_jax.errors import ConfigError
 
 _REGISTRY: dict[str, type[nn.Module]] = {}
+_LEGACY: dict[str, dict[str, Any]] = {}
 _NOT_OPTIONS = {"schema", "parent", "name"}
 
 
-def register(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
+def register(name: str, legacy: Mapping[str, Any] | None = None
+             ) -> Callable[[type[nn.Module]], type[nn.Module]]:
+    """Register a model class under ``name``.
+
+    ``legacy``: options added after models of this name were first saved, with the value that
+    reproduces the model from before they existed.  A saved configuration (bundle, results JSON)
+    records every option, so one that lacks such an option predates it and gets this value
+    instead of today's default (:func:`legacy_options`)."""
+
     def deco(cls: type[nn.Module]) -> type[nn.Module]:
         if name in _REGISTRY:
             raise RuntimeError(f"model name {name!r} registered twice")
         _REGISTRY[name] = cls
+        _LEGACY[name] = dict(legacy or {})
         return cls
 
     return deco
+
+
+def legacy_options(name: str, saved: Mapping[str, Any]) -> dict[str, Any]:
+    """The legacy value of each option that the saved configuration ``saved`` does not record."""
+    get_model_class(name)
+    return {k: v for k, v in _LEGACY[name].items() if k not in saved}
 
 
 def available_models() -> list[str]:

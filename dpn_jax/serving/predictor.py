@@ -28,7 +28,7 @@ from dpn_jax.data import readers
 from dpn_jax.data.encode import FittedEncoders
 from dpn_jax.data.schema import Schema, Split, empty_arrays
 from dpn_jax.errors import DataError
-from dpn_jax.models import build_model, model_options
+from dpn_jax.models import build_model, legacy_options, model_options
 from dpn_jax.serving.bundle import RETRAIN, Bundle, BundleError, read_bundle
 from dpn_jax.serving.exported import bucket_size, column_lists, is_missing, pad_rows
 
@@ -41,10 +41,12 @@ def model_inputs(schema: Schema) -> list[tuple[str, str, int]]:
 
 
 def rebuild_model(name: str, config: Mapping[str, Any], schema: Schema):
-    """The Flax module of a bundle: JSON lists back to the tuples the options default to."""
+    """The Flax module of a bundle: JSON lists back to the tuples the options default to; an
+    option the bundle predates gets its legacy value (``models.registry.legacy_options``)."""
     defaults = model_options(name)
     kw = {k: tuple(v) if isinstance(defaults.get(k), tuple) and isinstance(v, list) else v
           for k, v in config.items()}
+    kw = {**legacy_options(name, kw), **kw}
     return build_model(name, schema, **kw)
 
 
