@@ -54,11 +54,20 @@ def main(argv: list[str] | None = None, command: str | None = None) -> int:
                    help="train nothing: write the table from the finished (run, seed) files (n per row)")
     p.add_argument("--synthetic", default="", metavar="KEY=V,...",
                    help="options of the synthetic generator, e.g. rows=60000,vocab=10,contextual=3")
+    p.add_argument("--data-option", dest="data_options", action="append", default=[],
+                   metavar="KEY=VALUE", help="a load_dataset option of a built-in dataset, e.g. "
+                   "max_users=15000 for a behaviour log (stated in the table header)")
     args = p.parse_args(argv)
     synthetic = {k: float(v) if "." in v or "e" in v else int(v)
                  for k, v in (kv.split("=", 1) for kv in args.synthetic.split(",") if kv)}
     if synthetic and (args.data != "synthetic" or args.sequential):
         p.error("--synthetic needs --data synthetic (and no --sequential)")
+    try:
+        data_options = {k: int(v) for k, v in (kv.split("=", 1) for kv in args.data_options)}
+    except ValueError:
+        p.error(f"--data-option expects KEY=INTEGER, got {args.data_options}")
+    if data_options and args.sequential:
+        p.error("--data-option needs the vmapped sweep (no --sequential)")
     xla_cache.enable()
     seeds = [int(s) for s in args.seeds.split(",")]
     out = Path(args.out)
@@ -79,7 +88,7 @@ def main(argv: list[str] | None = None, command: str | None = None) -> int:
                                progress=False, log=lambda s: None) for seed in missing]
         elif missing:
             if dataset is None:
-                dataset = load_dataset(args.data, data_dir=args.data_dir, **synthetic)
+                dataset = load_dataset(args.data, data_dir=args.data_dir, **synthetic, **data_options)
             fresh = train_seeds(model, dataset, missing, sets, data_name=args.data, progress=False)
         for r in fresh:
             r.pop("history", None)
@@ -102,6 +111,7 @@ def main(argv: list[str] | None = None, command: str | None = None) -> int:
         shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     lines = [f"# {args.data}: test AUC / logloss over seeds {args.seeds}", "",
              *([f"Synthetic generator: `{args.synthetic}`", ""] if synthetic else []),
+             *([f"Data options: `{' '.join(args.data_options)}`", ""] if data_options else []),
              f"Command: `{command}`", "",
              *([f"Protocol for every run: `{' '.join(args.protocol)}`", ""] if args.protocol else []),
              f"Versions: {json.dumps(versions())}", "",

@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default=None, help="only these models (comma separated)")
     p.add_argument("--set", dest="sets", action="append", default=[],
                    help="protocol override for every run, e.g. --set batch_size=4096")
+    p.add_argument("--max-users", type=int, default=None,
+                   help="a seeded random subset of this many users of the log (results go to "
+                        "table{4,5}_<data>_users<N>)")
     p.add_argument("--sequential", action="store_true", help="one run per seed, not a vmapped sweep")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: write the tables from the finished (run, seed) files")
@@ -67,8 +70,11 @@ def main(argv: list[str] | None = None) -> int:
         runs = runs_for(table, args.models)
         if not runs:
             continue
-        stem = Path(__file__).resolve().parent / "results" / f"table{table}_{name}"
+        suffix = f"_users{args.max_users}" if args.max_users else ""
+        stem = Path(__file__).resolve().parent / "results" / f"table{table}_{name}{suffix}"
         forwarded = ["--data", args.data, "--seeds", args.seeds, "--out", str(stem)]
+        if args.max_users:
+            forwarded += ["--data-option", f"max_users={args.max_users}"]
         for s in protocol:
             forwarded += ["--protocol", s]
         if args.data_dir:

@@ -40,3 +40,29 @@ def test_seeds_script_sweeps_writes_and_resumes(seeds_script, tmp_path, monkeypa
     monkeypatch.setattr(seeds_script, "train_seeds", lambda *a, **k: pytest.fail("retrained"))
     assert seeds_script.main(argv) == 0
     assert (out.parent / "t.json").exists()
+
+
+def test_data_options_reach_the_loader_and_the_table(monkeypatch, tmp_path, tiny_synthetic):
+    """table45 --max-users forwards a load_dataset option to seeds.py and writes a separate table;
+    seeds.py passes it to the loader and states it in the header."""
+    import seeds
+    import table45
+
+    seeds_main = seeds.main  # table45.seeds is this module
+    forwarded = []
+    monkeypatch.setattr(table45.seeds, "main", lambda argv, command: forwarded.append(argv) or 0)
+    assert table45.main(["--data", "amazon_videogames", "--table", "5", "--models", "din",
+                         "--max-users", "15000", "--seeds", "1"]) == 0
+    (argv,) = forwarded
+    assert argv[argv.index("--data-option") + 1] == "max_users=15000"
+    assert argv[argv.index("--out") + 1].endswith("table5_amazon_videogames_users15000")
+
+    seen = {}
+    monkeypatch.setattr(seeds, "load_dataset", lambda *a, **k: seen.update(k) or tiny_synthetic)
+    out = tmp_path / "t"
+    assert seeds_main(["--data", "synthetic", "--seeds", "1", "--out", str(out), "--protocol",
+                       "max_epochs=1", "--run", "lr", "--data-option", "max_users=7"], command="c") == 0
+    assert seen["max_users"] == 7
+    assert "Data options: `max_users=7`" in (out.parent / "t.md").read_text()
+    with pytest.raises(SystemExit):
+        seeds_main(["--data", "x", "--out", str(out), "--run", "lr", "--data-option", "max_users=a"])
