@@ -81,11 +81,17 @@ def main(argv: list[str] | None = None) -> int:
             forwarded += ["--data-dir", args.data_dir]
         if args.sequential:
             forwarded.append("--sequential")
+        report = [*forwarded, "--report-only"]
         if args.report_only:
             forwarded.append("--report-only")
         for r in runs:
             forwarded += ["--run", r]
         rc = seeds.main(forwarded, command=command) or rc
+        if args.models and not args.report_only:
+            # The table lists every finished run of the table, not only the ones trained now.
+            for r in TABLES[table]:
+                report += ["--run", r]
+            rc = seeds.main(report, command=command) or rc
     return rc
 
 

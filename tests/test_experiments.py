@@ -53,9 +53,11 @@ def test_data_options_reach_the_loader_and_the_table(monkeypatch, tmp_path, tiny
     monkeypatch.setattr(table45.seeds, "main", lambda argv, command: forwarded.append(argv) or 0)
     assert table45.main(["--data", "amazon_videogames", "--table", "5", "--models", "din",
                          "--max-users", "15000", "--seeds", "1"]) == 0
-    (argv,) = forwarded
+    argv, report = forwarded  # train the asked model, then table every finished run
     assert argv[argv.index("--data-option") + 1] == "max_users=15000"
     assert argv[argv.index("--out") + 1].endswith("table5_amazon_videogames_users15000")
+    assert [argv[i + 1] for i, a in enumerate(argv) if a == "--run"] == ["din"]
+    assert "--report-only" in report and report.count("--run") == len(table45.TABLES["5"])
 
     seen = {}
     monkeypatch.setattr(seeds, "load_dataset", lambda *a, **k: seen.update(k) or tiny_synthetic)

@@ -200,6 +200,28 @@ def test_encoder_block_is_post_ln_of_summed_branches():
     assert set(p) == {"self_attention", "dynamic_conv", "ln_1", "ln_2", "ffn_0", "ffn_1"}
 
 
+def test_pre_ln_encoder_block():
+    """``norm_first``: u = x + MHSA(LN_1(x)) + DynamicConv(LN_1(x)), y = u + FFN(LN_2(u)), zero at
+    padding; same parameters as the post-LN block."""
+    x, mask = sequences(b=4, length=6, d=8)
+    mask = holed(mask)
+    block = EncoderBlock(heads=2, ffn_dim=5, encoder="mhsa+dpo", kernel_size=3, norm_first=True)
+    v = random_variables(block.init, x, mask)
+    y = np.asarray(jax.jit(block.apply)(v, garbage_at_padding(x, mask), mask))
+    p = np64(v["params"])
+    conv = sq.DynamicConvParams(*(v["params"]["dynamic_conv"][f]
+                                  for f in sq.DynamicConvParams._fields))
+    xm = np.where(mask[..., None], x, 0.0)
+    a = np.where(mask[..., None], layer_norm(p["ln_1"], xm), 0.0)
+    u = xm + mhsa_reference(p["self_attention"], a, mask, 2) + np.asarray(
+        jax.jit(sq.dynamic_conv)(conv, a.astype(np.float32), mask), np.float64)
+    u = np.where(mask[..., None], u, 0.0)
+    f = dense(p["ffn_1"], np.maximum(dense(p["ffn_0"], np.where(mask[..., None], layer_norm(
+        p["ln_2"], u), 0.0)), 0.0))
+    np.testing.assert_allclose(y, np.where(mask[..., None], u + f, 0.0), rtol=2e-4, atol=2e-5)
+    assert set(p) == {"self_attention", "dynamic_conv", "ln_1", "ln_2", "ffn_0", "ffn_1"}
+
+
 def test_encoder_positions():
     """Learned positions are added at the valid steps (index in the history; steps beyond
     ``max_positions`` share the last row); padded steps stay zero."""
@@ -333,6 +355,8 @@ def _layer_cases():
         ("mhsa", MultiHeadSelfAttention(heads=2), lambda x, m: (x, m)),
         ("block_mhsa_dpo", EncoderBlock(heads=2, ffn_dim=6, encoder="mhsa+dpo"),
          lambda x, m: (x, m)),
+        ("block_pre_ln", EncoderBlock(heads=2, ffn_dim=6, encoder="mhsa+dpo", norm_first=True),
+         lambda x, m: (x, m)),
         ("target_attention_dpo", TargetAttention(heads=2, value_dpo=True, rank=2),
          lambda x, m: (q, x, m)),
         ("kalman_freq", KalmanAttention(heads=2), lambda x, m: (q, x, m, counts(m))),
@@ -366,8 +390,8 @@ N_ROWS = 12
 MODEL_CASES = {
     "kfatt": dict(attention_groups="pair"),
     "bst": dict(max_positions=MAX_LEN, ffn_dim=6, heads=4),
-    "bst_dpo": dict(max_positions=MAX_LEN, dropout=0.1),
-    "dyjoint": dict(max_positions=MAX_LEN, encoder="dpo", decoder="dpo"),
+    "bst_dpo": dict(max_positions=MAX_LEN, dropout=0.1, norm_first=True),  # pre-LN blocks
+    "dyjoint": dict(max_positions=MAX_LEN, encoder="dpo", decoder="dpo", norm_first=True),
 }
 
 

@@ -120,7 +120,7 @@ class BST(_InterestModel):
     ``max_positions`` rows, 0 = the history length; later steps share the last row) -> ``blocks``
     post-LN blocks of masked multi-head self-attention and a ReLU FFN with residuals
     (``ffn_dim`` 0 = 4 × the group size, Vaswani et al.; ``encoder_dropout`` on both residual
-    branches, 0 by default, BST used 0.2) -> target attention of the projected target embedding
+    branches, 0 by default, BST used 0.2; ``norm_first`` the pre-LN block, Xiong et al. 2020) -> target attention of the projected target embedding
     over the encoder outputs (masked softmax, ``heads`` heads, concatenated -> Dense) = the
     pooled interest.  Encoder outputs at padded steps are zero and never attended to.
 
@@ -134,6 +134,7 @@ class BST(_InterestModel):
     ffn_dim: int = 0
     encoder_dropout: float = 0.0
     max_positions: int = 0
+    norm_first: bool = False
 
     def check_options(self) -> None:
         super().check_options()
@@ -141,7 +142,8 @@ class BST(_InterestModel):
 
     def unit_options(self) -> dict:
         return dict(blocks=self.blocks, heads=self.heads, ffn_dim=self.ffn_dim,
-                    dropout=self.encoder_dropout, max_positions=self.max_positions)
+                    dropout=self.encoder_dropout, max_positions=self.max_positions,
+                    norm_first=self.norm_first)
 
     def pool(self, g, q, x, mask, ids, train):
         return BehaviourTransformer(**self.unit_options(), name=f"transformer_{g}")(
@@ -193,7 +195,7 @@ class DyJoint(nn.Module):
 
     Sequence part: per attention group the ``bst_dpo`` unit (encoder ``mhsa+dpo``, decoder
     ``attention+dpo`` by default; ``blocks``, ``heads``, ``ffn_dim``, ``encoder_dropout``,
-    ``max_positions``, ``kernel_size``, ``conv_heads``, ``combine`` as there) replaces the
+    ``max_positions``, ``norm_first``, ``kernel_size``, ``conv_heads``, ``combine`` as there) replaces the
     history slots, as in DIN.  Feature part: the ``dpn`` tower over the flattened slots, its
     ``dpo_layers`` (first) a feature DPO ``W(z) x + b(z)`` with ``context`` input (the flattened
     slots, interests included) | other_fields | field names, the other layers the protocol MLP
@@ -228,6 +230,7 @@ class DyJoint(nn.Module):
     kernel_size: int = 3
     conv_heads: int = 0
     combine: str = "add"
+    norm_first: bool = False
 
     @nn.compact
     def __call__(self, batch, train: bool = False) -> jnp.ndarray:
@@ -240,7 +243,7 @@ class DyJoint(nn.Module):
                 self.blocks, self.heads, self.ffn_dim, self.encoder_dropout, self.encoder,
                 self.decoder, self.max_positions, self.kernel_size, self.conv_heads,
                 self.combine, self.generator, self.rank, self.generator_heads,
-                self.num_kernels, name=f"transformer_{g}")(q, x, mask, train)
+                self.num_kernels, self.norm_first, name=f"transformer_{g}")(q, x, mask, train)
 
         e = with_interests(self.schema, self.attention_groups, embedding, e, batch, pool)
         h = dpn_tower(self, e, train, generator_heads=self.generator_heads)

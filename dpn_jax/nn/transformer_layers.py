@@ -122,6 +122,13 @@ class EncoderBlock(nn.Module):
         u = LN_1(x + drop(A(x)))          A = MHSA | DynamicConv | MHSA + DynamicConv  (encoder)
         y = LN_2(u + drop(W_2 relu(W_1 u + b_1) + b_2))
 
+    or, ``norm_first=True``, the pre-LN block (Xiong et al. 2020; PyTorch's ``norm_first``)::
+
+        u = x + drop(A(LN_1(x))),         y = u + drop(FFN(LN_2(u)))
+
+    (no final LayerNorm: the block's output is not normalised; the identity path from the
+    embeddings to the output is not divided by a per-step norm as in the post-LN block).
+
     ``encoder``: ``"mhsa"`` (BST), ``"dpo"`` (the homogeneous behaviour-behaviour DPO, the
     dynamic depthwise convolution of :class:`DynamicConv`, replaces the self-attention),
     ``"mhsa+dpo"`` (both as parallel branches, outputs summed before the residual: the sDPN
@@ -137,6 +144,7 @@ class EncoderBlock(nn.Module):
     kernel_size: int = 3
     conv_heads: int = 0
     combine: str = "add"
+    norm_first: bool = False
 
     @nn.compact
     def __call__(self, x: Array, mask: Array, train: bool = False) -> Array:
@@ -147,20 +155,23 @@ class EncoderBlock(nn.Module):
         d = x.shape[-1]
         m = mask[..., None]
         x = jnp.where(m, x, 0)
+        ln_1, ln_2 = nn.LayerNorm(name="ln_1"), nn.LayerNorm(name="ln_2")
+        a = jnp.where(m, ln_1(x), 0) if self.norm_first else x
         y = jnp.zeros_like(x)
         if "mhsa" in self.encoder:
-            y = y + MultiHeadSelfAttention(self.heads, name="self_attention")(x, mask)
+            y = y + MultiHeadSelfAttention(self.heads, name="self_attention")(a, mask)
         if "dpo" in self.encoder:
             y = y + DynamicConv(self.kernel_size, self.conv_heads, self.combine,
-                                name="dynamic_conv")(x, mask)
+                                name="dynamic_conv")(a, mask)
         if dropout_active(self.dropout):
             y = Dropout16(self.dropout)(y, deterministic=not train)
-        x = jnp.where(m, nn.LayerNorm(name="ln_1")(x + y), 0)
-        f = nn.relu(nn.Dense(self.ffn_dim or 4 * d, name="ffn_0")(x))
+        x = jnp.where(m, x + y if self.norm_first else ln_1(x + y), 0)
+        a = jnp.where(m, ln_2(x), 0) if self.norm_first else x
+        f = nn.relu(nn.Dense(self.ffn_dim or 4 * d, name="ffn_0")(a))
         f = nn.Dense(d, name="ffn_1")(f)
         if dropout_active(self.dropout):
             f = Dropout16(self.dropout)(f, deterministic=not train)
-        return jnp.where(m, nn.LayerNorm(name="ln_2")(x + f), 0)
+        return jnp.where(m, x + f if self.norm_first else ln_2(x + f), 0)
 
 
 class TransformerEncoder(nn.Module):
@@ -181,6 +192,7 @@ class TransformerEncoder(nn.Module):
     kernel_size: int = 3
     conv_heads: int = 0
     combine: str = "add"
+    norm_first: bool = False
 
     @nn.compact
     def __call__(self, x: Array, mask: Array, train: bool = False) -> Array:
@@ -194,7 +206,7 @@ class TransformerEncoder(nn.Module):
         x = jnp.where(mask[..., None], x + pos[idx][None].astype(x.dtype), 0)
         for i in range(self.blocks):
             x = EncoderBlock(self.heads, self.ffn_dim, self.dropout, self.encoder,
-                             self.kernel_size, self.conv_heads, self.combine,
+                             self.kernel_size, self.conv_heads, self.combine, self.norm_first,
                              name=f"block_{i}")(x, mask, train)
         return x
 
@@ -254,8 +266,8 @@ class BehaviourTransformer(nn.Module):
     ``q [B,c], x [B,L,D], mask [B,L] -> [B,D]`` (the target-specific pooled interest).
 
     Encoder: :class:`TransformerEncoder` (``blocks``, ``heads``, ``ffn_dim``, ``dropout``,
-    ``encoder`` mhsa | dpo | mhsa+dpo, ``max_positions``; the homogeneous DPO's ``kernel_size``,
-    ``conv_heads``, ``combine``).  Decoder (``decoder``): ``"attention"`` = :class:`TargetAttention`
+    ``encoder`` mhsa | dpo | mhsa+dpo, ``max_positions``, ``norm_first``; the homogeneous DPO's
+    ``kernel_size``, ``conv_heads``, ``combine``).  Decoder (``decoder``): ``"attention"`` = :class:`TargetAttention`
     of ``q`` over the encoder outputs; ``"attention+dpo"`` = the same with heterogeneous-DPO values
     ``W(q) h_i + b(q)``; ``"dpo"`` = the masked mean of the heterogeneous DPO outputs
     ``mean_i m_i (W(q) h_i + b(q))`` (no attention).  Generator options as
@@ -276,6 +288,7 @@ class BehaviourTransformer(nn.Module):
     rank: int = 4
     generator_heads: int = 1
     num_kernels: int = 4
+    norm_first: bool = False
 
     @nn.compact
     def __call__(self, q: Array, x: Array, mask: Array, train: bool = False) -> Array:
@@ -283,7 +296,7 @@ class BehaviourTransformer(nn.Module):
         check_choice("decoder", self.decoder, DECODERS)
         h = TransformerEncoder(self.blocks, self.heads, self.ffn_dim, self.dropout, self.encoder,
                                self.max_positions, self.kernel_size, self.conv_heads,
-                               self.combine, name="encoder")(x, mask, train)
+                               self.combine, self.norm_first, name="encoder")(x, mask, train)
         if self.decoder == "dpo":
             y = QueryBehaviourDPO(x.shape[-1], self.generator, self.rank, self.generator_heads,
                                   self.num_kernels, name="decoder_dpo")(h, q, mask)
