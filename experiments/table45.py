@@ -62,7 +62,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="train nothing: write the tables from the finished (run, seed) files")
     args = p.parse_args(argv)
     name = Path(args.data).stem
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     overridden = {s.split("=", 1)[0] for s in args.sets}
     protocol = [*(s for s in PROTOCOL if s.split("=", 1)[0] not in overridden), *args.sets]
     rc = 0
@@ -86,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             forwarded.append("--report-only")
         for r in runs:
             forwarded += ["--run", r]
+        command = table_command(args, table)
         rc = seeds.main(forwarded, command=command) or rc
         if args.models and not args.report_only:
             # The table lists every finished run of the table, not only the ones trained now.
@@ -93,6 +93,22 @@ def main(argv: list[str] | None = None) -> int:
                 report += ["--run", r]
             rc = seeds.main(report, command=command) or rc
     return rc
+
+
+def table_command(args: argparse.Namespace, table: str) -> str:
+    """The command that reproduces the whole table (trains what is missing, tables every run),
+    written in its header whichever subset (--models) or --report-only call wrote it."""
+    parts = ["python", "experiments/table45.py", "--data", args.data]
+    if args.data_dir:
+        parts += ["--data-dir", args.data_dir]
+    if args.max_users:
+        parts += ["--max-users", str(args.max_users)]
+    parts += ["--seeds", args.seeds, "--table", table]
+    for s in args.sets:
+        parts += ["--set", s]
+    if args.sequential:
+        parts.append("--sequential")
+    return " ".join(shlex.quote(a) for a in parts)
 
 
 if __name__ == "__main__":

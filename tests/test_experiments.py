@@ -49,10 +49,13 @@ def test_data_options_reach_the_loader_and_the_table(monkeypatch, tmp_path, tiny
     import table45
 
     seeds_main = seeds.main  # table45.seeds is this module
-    forwarded = []
-    monkeypatch.setattr(table45.seeds, "main", lambda argv, command: forwarded.append(argv) or 0)
+    forwarded, commands = [], []
+    monkeypatch.setattr(table45.seeds, "main", lambda argv, command: commands.append(command)
+                        or forwarded.append(argv) or 0)
     assert table45.main(["--data", "amazon_videogames", "--table", "5", "--models", "din",
                          "--max-users", "15000", "--seeds", "1"]) == 0
+    assert commands == ["python experiments/table45.py --data amazon_videogames --max-users "
+                        "15000 --seeds 1 --table 5"] * 2  # the header reproduces the whole table
     argv, report = forwarded  # train the asked model, then table every finished run
     assert argv[argv.index("--data-option") + 1] == "max_users=15000"
     assert argv[argv.index("--out") + 1].endswith("table5_amazon_videogames_users15000")
