@@ -180,45 +180,30 @@ def test_self_and_target_attention_match_numpy():
     np.testing.assert_allclose(out, exp_out, rtol=2e-4, atol=2e-5)
 
 
-def test_encoder_block_is_post_ln_of_summed_branches():
-    """``mhsa+dpo``: LN_2(u + FFN(u)), u = LN_1(x + MHSA(x) + DynamicConv(x)), zero at padding."""
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post_ln", "pre_ln"])
+def test_encoder_block_of_summed_branches(norm_first):
+    """``mhsa+dpo``, zero at padding, the same parameters in both layouts.  Post-LN:
+    u = LN_1(x + MHSA(x) + DynamicConv(x)), y = LN_2(u + FFN(u)).  Pre-LN (``norm_first``):
+    u = x + MHSA(LN_1(x)) + DynamicConv(LN_1(x)), y = u + FFN(LN_2(u))."""
     x, mask = sequences(b=4, length=6, d=8)
     mask = holed(mask)
-    block = EncoderBlock(heads=2, ffn_dim=5, encoder="mhsa+dpo", kernel_size=3)
+    block = EncoderBlock(heads=2, ffn_dim=5, encoder="mhsa+dpo", kernel_size=3,
+                         norm_first=norm_first)
     v = random_variables(block.init, x, mask)
     y = np.asarray(jax.jit(block.apply)(v, garbage_at_padding(x, mask), mask))
     p = np64(v["params"])
     conv = sq.DynamicConvParams(*(v["params"]["dynamic_conv"][f]
                                   for f in sq.DynamicConvParams._fields))
-    xm = np.where(mask[..., None], x, 0.0)
-    u = xm + mhsa_reference(p["self_attention"], x, mask, 2) + np.asarray(
-        jax.jit(sq.dynamic_conv)(conv, x, mask), np.float64)
-    u = np.where(mask[..., None], layer_norm(p["ln_1"], u), 0.0)
-    f = dense(p["ffn_1"], np.maximum(dense(p["ffn_0"], u), 0.0))
-    expect = np.where(mask[..., None], layer_norm(p["ln_2"], u + f), 0.0)
-    np.testing.assert_allclose(y, expect, rtol=2e-4, atol=2e-5)
-    assert set(p) == {"self_attention", "dynamic_conv", "ln_1", "ln_2", "ffn_0", "ffn_1"}
-
-
-def test_pre_ln_encoder_block():
-    """``norm_first``: u = x + MHSA(LN_1(x)) + DynamicConv(LN_1(x)), y = u + FFN(LN_2(u)), zero at
-    padding; same parameters as the post-LN block."""
-    x, mask = sequences(b=4, length=6, d=8)
-    mask = holed(mask)
-    block = EncoderBlock(heads=2, ffn_dim=5, encoder="mhsa+dpo", kernel_size=3, norm_first=True)
-    v = random_variables(block.init, x, mask)
-    y = np.asarray(jax.jit(block.apply)(v, garbage_at_padding(x, mask), mask))
-    p = np64(v["params"])
-    conv = sq.DynamicConvParams(*(v["params"]["dynamic_conv"][f]
-                                  for f in sq.DynamicConvParams._fields))
-    xm = np.where(mask[..., None], x, 0.0)
-    a = np.where(mask[..., None], layer_norm(p["ln_1"], xm), 0.0)
+    valid = mask[..., None]
+    xm = np.where(valid, x, 0.0)
+    a = np.where(valid, layer_norm(p["ln_1"], xm), 0.0) if norm_first else x
     u = xm + mhsa_reference(p["self_attention"], a, mask, 2) + np.asarray(
-        jax.jit(sq.dynamic_conv)(conv, a.astype(np.float32), mask), np.float64)
-    u = np.where(mask[..., None], u, 0.0)
-    f = dense(p["ffn_1"], np.maximum(dense(p["ffn_0"], np.where(mask[..., None], layer_norm(
-        p["ln_2"], u), 0.0)), 0.0))
-    np.testing.assert_allclose(y, np.where(mask[..., None], u + f, 0.0), rtol=2e-4, atol=2e-5)
+        jax.jit(sq.dynamic_conv)(conv, np.asarray(a, np.float32), mask), np.float64)
+    u = np.where(valid, u if norm_first else layer_norm(p["ln_1"], u), 0.0)
+    a = np.where(valid, layer_norm(p["ln_2"], u), 0.0) if norm_first else u
+    f = dense(p["ffn_1"], np.maximum(dense(p["ffn_0"], a), 0.0))
+    expect = np.where(valid, u + f if norm_first else layer_norm(p["ln_2"], u + f), 0.0)
+    np.testing.assert_allclose(y, expect, rtol=2e-4, atol=2e-5)
     assert set(p) == {"self_attention", "dynamic_conv", "ln_1", "ln_2", "ffn_0", "ffn_1"}
 
 
