@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,6 +30,7 @@ from dpn_jax.errors import ConfigError
 from dpn_jax.models import build_model, model_options
 from dpn_jax.models.dien import auxiliary_loss, negative_rows
 from dpn_jax.nn.recurrent_layers import GRU, KINDS, recurrence
+from dpn_jax.nn.sequence_layers import DINAttention
 from dpn_jax.train.state import aux_loss
 
 SMALL = dict(embedding_dim=4, hidden=(8, 4), attention_hidden=(6, 3), aux_hidden=(5,))
@@ -210,6 +212,21 @@ def test_dien_options_and_errors():
                           jax.random.PRNGKey(0), batch)["params"]
     assert agru["evolution_0"]["hidden_kernel"].shape == (8, 16)  # r, c blocks only
     assert "query_0" not in agru
+    # attention_scale reaches the attention unit of both models (DIN's 1/sqrt(d) or DIEN's none)
+    assert opts["attention_scale"] is True and dpo_opts["attention_scale"] is True
+    for name in ("dien", "dien_dpo"):
+        for scale in (True, False):  # the layer's effect: TestDINAttention in test_sequence_models
+            seen = []
+
+            def record(f, args, kwargs, ctx, seen=seen):
+                if isinstance(ctx.module, DINAttention):
+                    seen.append((ctx.module.scale, ctx.module.weight_norm))
+                return f(*args, **kwargs)
+
+            model = build_model(name, seq_schema(), **SMALL, attention_scale=scale)
+            with nn.intercept_methods(record):
+                jax.eval_shape(model.init, jax.random.PRNGKey(0), batch)
+            assert seen and set(seen) == {(scale, "softmax")}
     for bad, match in ((dict(evolution="lstm"), r"evolution='lstm'.*augru.*agru.*aigru"),
                        (dict(gru_dim=-1), "gru_dim"), (dict(aux_loss_weight=-1.0), "aux_loss")):
         model = build_model("dien", seq_schema(), **SMALL, **bad)

@@ -220,7 +220,7 @@ def test_din_first_layer_initialises_like_dense():
 # Linen layers: DIN attention against numpy, padding invariance of every layer
 
 
-def din_attention_reference(p, q, keys, mask, softmax=False):
+def din_attention_reference(p, q, keys, mask, softmax=False, scale=True):
     sig = lambda t: 1.0 / (1.0 + np.exp(-t))  # noqa: E731
     qb = np.broadcast_to(q[:, None], keys.shape)
     h = np.concatenate([qb, keys, qb - keys, qb * keys], -1)
@@ -228,7 +228,7 @@ def din_attention_reference(p, q, keys, mask, softmax=False):
     h = sig(h @ p["dense_1"]["kernel"] + p["dense_1"]["bias"])
     s = (h @ p["score"]["kernel"] + p["score"]["bias"])[..., 0]
     if softmax:
-        s = np.where(mask, s / np.sqrt(keys.shape[-1]), -np.inf)
+        s = np.where(mask, s / np.sqrt(keys.shape[-1]) if scale else s, -np.inf)
         top = np.where(mask.any(1), s.max(1), 0.0)[:, None]  # empty history: all weights 0
         e = np.where(mask, np.exp(s - top), 0.0)
         s = e / np.maximum(e.sum(1, keepdims=True), 1e-30)
@@ -241,13 +241,13 @@ class TestDINAttention(chex.TestCase):
     def test_matches_numpy(self):
         keys, mask = sequences(b=4, length=6, d=4)
         q = np.random.default_rng(7).normal(size=(4, 4)).astype(np.float32)
-        for norm in ("none", "softmax"):
-            layer = DINAttention(hidden=(5, 3), weight_norm=norm)
+        for norm, scale in (("none", True), ("softmax", True), ("softmax", False)):
+            layer = DINAttention(hidden=(5, 3), weight_norm=norm, scale=scale)
             v = random_variables(layer.init, q, keys, mask)
             apply = self.variant(functools.partial(layer.apply, return_weights=True))
             out, a = apply(v, q, garbage_at_padding(keys, mask), mask)
             p = jax.tree.map(np.asarray, v["params"])
-            exp_out, exp_a = din_attention_reference(p, q, keys, mask, softmax=norm == "softmax")
+            exp_out, exp_a = din_attention_reference(p, q, keys, mask, norm == "softmax", scale)
             np.testing.assert_allclose(np.asarray(out), exp_out, rtol=1e-4, atol=1e-5)
             np.testing.assert_allclose(np.asarray(a), exp_a, rtol=1e-4, atol=1e-5)
             assert (np.asarray(out)[3] == 0).all()  # empty history pools to zeros
@@ -413,6 +413,18 @@ def test_length_one_and_empty_histories():
     m = np.array([[1, 0, 0, 0], [1, 0, 0, 0]], bool)
     y = np.asarray(jax.jit(conv.apply)(random_variables(conv.init, x, m), x, m))
     np.testing.assert_allclose(y[:, 0], x[:, 0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["din", "din_dpo", "dien", "dien_dpo", "kfatt", "bst", "bst_dpo",
+                                  "dyjoint"])
+def test_embedding_init_std_sets_the_table_init(name):
+    """1e-4 by default (FuxiCTR's); experiments/dien_probe.py shows what it does to attention."""
+    assert model_options(name)["embedding_init_std"] == 1e-4
+    batch = jbatch(make_split(4, 0))
+    for std in (1e-4, 0.05):
+        model = build_model(name, seq_schema(), embedding_dim=4, embedding_init_std=std)
+        table = model.init(jax.random.PRNGKey(0), batch)["params"]["embedding"]["table"]
+        np.testing.assert_allclose(np.std(np.asarray(table)), std, rtol=0.15)
 
 
 def test_din_parameter_count():

@@ -111,7 +111,11 @@ class DIEN(nn.Module):
     ``evolution`` augru (DIEN's best, Table 5 of DIEN; agru | aigru: its ablations);
     ``gru_dim`` 0 = the behaviour size of each unit (DIEN's code: hidden size = the item+category
     embedding size); ``aux_loss_weight`` 1.0 (DIEN's α; 0 switches the auxiliary loss and its
-    network off); ``aux_hidden`` (100, 50) with sigmoid (DIEN's public code).  A schema without
+    network off); ``aux_hidden`` (100, 50) with sigmoid (DIEN's public code);
+    ``attention_scale`` divides the scores by √d before the softmax (DIN's public code; DIEN's
+    ``din_fcn_attention`` has that line commented out: ``--set attention_scale=false``);
+    ``embedding_init_std`` 1e-4 (FuxiCTR's normal init; see ``experiments/dien_probe.py`` for what
+    it does to the softmax attention).  A schema without
     behaviour pairs reduces to the tower over the field embeddings."""
 
     schema: Schema
@@ -128,10 +132,12 @@ class DIEN(nn.Module):
     gru_dim: int = 0
     aux_loss_weight: float = 1.0
     aux_hidden: Sequence[int] = (100, 50)
+    embedding_init_std: float = 1e-4
+    attention_scale: bool = True
 
     def attention_unit(self, name: str) -> DINAttention:
         return DINAttention(tuple(self.attention_hidden), self.attention_act, "softmax",
-                            self.bn_momentum, name=name)
+                            self.bn_momentum, scale=self.attention_scale, name=name)
 
     def check_options(self) -> None:
         check_activation(self.act)
@@ -148,7 +154,8 @@ class DIEN(nn.Module):
     @nn.compact
     def __call__(self, batch, train: bool = False) -> jnp.ndarray:
         self.check_options()
-        embedding = FieldEmbedding(self.schema, dim=self.embedding_dim, name="embedding")
+        embedding = FieldEmbedding(self.schema, dim=self.embedding_dim,
+                                   init_std=self.embedding_init_std, name="embedding")
         e = embedding(batch)
         bsz = e.shape[0]
         interests = []
@@ -215,4 +222,4 @@ class DIENDPO(DIEN):
         return DINAttention(tuple(self.attention_hidden), self.attention_act, "softmax",
                             self.bn_momentum, dpo=True, dpo_input=self.dpo_input,
                             generator=self.generator, rank=self.rank, heads=self.heads,
-                            num_kernels=self.num_kernels, name=name)
+                            num_kernels=self.num_kernels, scale=self.attention_scale, name=name)

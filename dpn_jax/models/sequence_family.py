@@ -136,6 +136,7 @@ class DIN(nn.Module):
     attention_act: str = "sigmoid"
     attention_norm: str = "none"
     attention_groups: str = "joint"
+    embedding_init_std: float = 1e-4
 
     def attention_unit(self, name: str) -> DINAttention:
         return DINAttention(tuple(self.attention_hidden), self.attention_act, self.attention_norm,
@@ -145,7 +146,8 @@ class DIN(nn.Module):
     def __call__(self, batch, train: bool = False) -> jnp.ndarray:
         check_activation(self.act)
         check_activation(self.attention_act)
-        embedding = FieldEmbedding(self.schema, dim=self.embedding_dim, name="embedding")
+        embedding = FieldEmbedding(self.schema, dim=self.embedding_dim,
+                                   init_std=self.embedding_init_std, name="embedding")
         e = embedding(batch)
         e = with_interests(self.schema, self.attention_groups, embedding, e, batch,
                            lambda g, q, keys, mask, ids: self.attention_unit(f"attention_{g}")(

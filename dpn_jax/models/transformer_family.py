@@ -56,6 +56,7 @@ class _InterestModel(nn.Module):
     dropout: float = 0.0
     bn_momentum: float = 0.9
     attention_groups: str = "joint"
+    embedding_init_std: float = 1e-4
 
     def check_options(self) -> None:
         check_activation(self.act)
@@ -66,7 +67,8 @@ class _InterestModel(nn.Module):
     @nn.compact
     def __call__(self, batch, train: bool = False) -> jnp.ndarray:
         self.check_options()
-        embedding = FieldEmbedding(self.schema, dim=self.embedding_dim, name="embedding")
+        embedding = FieldEmbedding(self.schema, dim=self.embedding_dim,
+                                   init_std=self.embedding_init_std, name="embedding")
         e = embedding(batch)
         e = with_interests(self.schema, self.attention_groups, embedding, e, batch,
                            lambda *a: self.pool(*a, train))
@@ -231,11 +233,13 @@ class DyJoint(nn.Module):
     conv_heads: int = 0
     combine: str = "add"
     norm_first: bool = False
+    embedding_init_std: float = 1e-4
 
     @nn.compact
     def __call__(self, batch, train: bool = False) -> jnp.ndarray:
         check_unit_options(self)
-        embedding = FieldEmbedding(self.schema, dim=self.embedding_dim, name="embedding")
+        embedding = FieldEmbedding(self.schema, dim=self.embedding_dim,
+                                   init_std=self.embedding_init_std, name="embedding")
         e = embedding(batch)
 
         def pool(g, q, x, mask, ids):

@@ -189,7 +189,8 @@ class DINAttention(nn.Module):
 
     ``q [B,d], keys [B,L,d], mask [B,L] -> [B,d]``.  ``weight_norm``: ``"none"`` (default, the
     paper: "normalization with softmax ... is abandoned" to keep the intensity of interests) or
-    ``"softmax"`` over the valid steps (DIN's public code, which also scales by ``1/√d``).
+    ``"softmax"`` over the valid steps (DIN's public code, which also scales by ``1/√d``;
+    ``scale=False`` drops that, as DIEN's public ``din_fcn_attention`` does).
     ``hidden`` (80, 40) with ``act`` sigmoid: DIN's public code; ``"dice"`` uses statistics
     over the valid steps only.  The output unit is linear.  An empty history pools to zeros.
 
@@ -210,6 +211,7 @@ class DINAttention(nn.Module):
     rank: int = 4
     heads: int = 1
     num_kernels: int = 4
+    scale: bool = True
 
     @nn.compact
     def __call__(self, q: Array, keys: Array, mask: Array, train: bool = False,
@@ -244,7 +246,7 @@ class DINAttention(nn.Module):
             h = Activation(self.act, self.momentum, name=f"act_{i}")(h, train, mask)
         s = nn.Dense(1, name="score")(h)[..., 0]
         if self.weight_norm == "softmax":
-            s = jnp.where(mask, s / math.sqrt(keys.shape[-1]), -1e9)
+            s = jnp.where(mask, s / math.sqrt(keys.shape[-1]) if self.scale else s, -1e9)
             s = jax.nn.softmax(s, axis=-1)
         a = jnp.where(mask, s, 0)
         pooled = jnp.einsum("bl,bld->bd", a, keys)
