@@ -195,6 +195,20 @@ def test_incompatible_run_is_reported(tiny_synthetic, two_checkpoints):
     assert more.epochs == 1
 
 
+def test_checkpoint_predating_a_field_resumes_at_its_default(tiny_synthetic, two_checkpoints):
+    """A field added since the checkpoint (here train.min_epochs and the model's embedding_dim, dropped
+    from the saved run) matches a run that leaves it at its default, and no other value."""
+    for step in ("5", "10"):
+        meta = two_checkpoints / step / "run" / "metadata"
+        run = json.loads(meta.read_text())
+        del run["train"]["min_epochs"], run["model"]["embedding_dim"]
+        meta.write_text(json.dumps(run))
+    with pytest.raises(DpnError, match=r"train\.min_epochs: '\(absent\)' in the checkpoint, 3 now"):
+        _fit(tiny_synthetic, CFG.replace(min_epochs=3), checkpoint_dir=two_checkpoints, resume=True)
+    assert _fit(tiny_synthetic, CFG.replace(max_epochs=3), checkpoint_dir=two_checkpoints,
+                resume=True).epochs == 3
+
+
 def _poisoned(data, cfg, batch_no: int):
     """``data`` with a NaN label in batch ``batch_no`` (1-based) of epoch 1 (and once per epoch)."""
     order = np.random.default_rng((cfg.seed, 1)).permutation(split_len(data.train))

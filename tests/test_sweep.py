@@ -97,6 +97,20 @@ def test_stopped_replicas_are_compacted_away(tiny_synthetic):
     assert abs(out[0].result.test["auc"] - alone.test["auc"]) < AUC_ATOL
 
 
+def test_min_epochs_holds_early_stop_and_lr_cuts_in_fit_and_sweep(tiny_synthetic):
+    """lr = 0 never improves after epoch 1: with patience 1 the run stops after epoch 2, with
+    min_epochs 4 after epoch 4, its learning rate uncut until then (fit and sweep alike)."""
+    ds, model = tiny_synthetic, build_model("lr", tiny_synthetic.schema)
+    base = BASE.replace(max_epochs=10, patience=1, reduce_lr_factor=0.5, lr=0.0)
+    quiet = dict(log=lambda s: None, progress=False)
+    assert fit(model, ds, base, **quiet).epochs == 2
+    held = base.replace(min_epochs=4)
+    for result in (fit(model, ds, held, **quiet), fit_sweep(model, ds, [held], **quiet)[0].result):
+        assert result.epochs == 4 and result.best_epoch == 1
+        # a cut would raise lr 0 to min_lr (1e-6) from the next epoch's row
+        assert [row["lr"] for row in result.history] == [0.0] * 4
+
+
 def test_chunks_equal_one_program_and_memory_plan(tiny_synthetic):
     ds = tiny_synthetic
     model = build_model("fm", ds.schema)

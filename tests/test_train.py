@@ -136,6 +136,11 @@ def test_early_stopping():
     assert es.update(0.72) and es.bad_epochs == 0
     assert not es.update(0.72) and not es.update(float("nan")) and es.should_stop
     assert es.best == 0.72 and es.best_epoch == 4
+    # min_epochs: no stop (and warming_up: no lr cut) before that many epochs, then the usual rule
+    es = EarlyStopping(patience=1, min_epochs=3)
+    assert es.update(0.7) and es.warming_up
+    assert not es.update(0.6) and not es.should_stop and es.warming_up
+    assert not es.update(0.6) and es.should_stop and not es.warming_up
 
 
 def test_split_overrides_types_and_errors():

@@ -85,6 +85,15 @@ def run_metadata(model, data: Dataset, cfg: TrainConfig, params) -> dict:
     })
 
 
+def run_defaults(model) -> dict:
+    """The defaults of the model's and the train config's fields, flat like :func:`differences`
+    sees them: a checkpoint written before a field existed matches a run that leaves it there."""
+    fields = [(f"model.{f.name}", f.default) for f in dataclasses.fields(model)
+              if f.name not in ("parent", "name") and f.default is not dataclasses.MISSING]
+    fields += [(f"train.{f.name}", f.default) for f in dataclasses.fields(TrainConfig)]
+    return {k: _jsonable(v) for k, v in fields}
+
+
 def _flat(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
@@ -95,8 +104,11 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def differences(saved: dict, now: dict, limit: int = 6) -> list[str]:
+def differences(saved: dict, now: dict, limit: int = 6, defaults: dict | None = None) -> list[str]:
     a, b = _flat(saved), _flat(now)
+    for k, v in (defaults or {}).items():  # fields added since the checkpoint, at their default
+        if k not in a and b.get(k, "(absent)") == v:
+            a[k] = v
     diffs = [f"{k}: {_short(a.get(k, '(absent)'))} in the checkpoint, {_short(b.get(k, '(absent)'))} now"
              for k in sorted(set(a) | set(b)) if a.get(k, "(absent)") != b.get(k, "(absent)")]
     return diffs[:limit] + ([f"... and {len(diffs) - limit} more"] if len(diffs) > limit else [])
@@ -174,8 +186,10 @@ class Checkpoints:
             raise DpnError(f"checkpoint {position} was not written to {self.directory}")
         return self.directory / str(position)
 
-    def restore(self, state, run: dict, patience: int) -> Resumed:
-        """The newest checkpoint, read into the structure (and placement) of the fresh ``state``."""
+    def restore(self, state, run: dict, patience: int, min_epochs: int = 0,
+                defaults: dict | None = None) -> Resumed:
+        """The newest checkpoint, read into the structure (and placement) of the fresh ``state``;
+        ``defaults`` (:func:`run_defaults`) let a checkpoint predate a field left at its default."""
         args = self._ocp.args
         step = self._mgr.latest_step()
         path = self.directory / str(step)
@@ -184,7 +198,7 @@ class Checkpoints:
             progress, saved_run = meta["progress"], meta["run"]
         except Exception as err:  # orbax and tensorstore raise many kinds; all mean the same here
             raise self._unreadable(path, _reason(err)) from err
-        diffs = differences(saved_run, run)
+        diffs = differences(saved_run, run, defaults=defaults)
         if diffs:
             raise DpnError(f"cannot resume from {path}: it was written by a different run ("
                            + "; ".join(diffs) + "). Resume with the same model, data and settings, "
@@ -201,7 +215,7 @@ class Checkpoints:
         if progress["has_best"]:
             best = (arrays["best"]["params"], arrays["best"]["batch_stats"], progress["best_epoch"],
                     progress["best_valid"])
-        stopper = EarlyStopping(**dict(progress["stopper"], patience=patience))
+        stopper = EarlyStopping(**dict(progress["stopper"], patience=patience, min_epochs=min_epochs))
         return Resumed(state=arrays["state"], best=best, history=progress["history"], stopper=stopper,
                        epoch=progress["epoch"], batch=progress["batch"], stopped=progress["stopped"],
                        epoch_loss=tuple(progress["epoch_loss"]), timing=tuple(progress["timing"]))

@@ -24,6 +24,9 @@ class TrainConfig:
     eval_batch_size: int = 16384
     max_epochs: int = 100
     patience: int = 2
+    # Train at least this many epochs: before that no early stop and no learning-rate cut, for
+    # models that leave a flat start slowly on a small log (a dozen steps per epoch).
+    min_epochs: int = 0
     # Early-stopping score on validation: "auc" or "auc-logloss" (FuxiCTR's default monitor,
     # which stops earlier when the model grows over-confident).
     monitor: str = "auc"

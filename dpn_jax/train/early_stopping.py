@@ -9,9 +9,11 @@ import math
 @dataclasses.dataclass
 class EarlyStopping:
     """``update(value)`` returns True when ``value`` is a new best (by more than ``min_delta``);
-    ``should_stop`` turns True after ``patience`` consecutive epochs without one."""
+    ``should_stop`` turns True after ``patience`` consecutive epochs without one, and not before
+    ``min_epochs`` epochs; ``warming_up`` (no learning-rate cut) while fewer have run."""
 
     patience: int = 2
+    min_epochs: int = 0
     min_delta: float = 0.0
     best: float = -math.inf
     best_epoch: int = 0
@@ -28,7 +30,11 @@ class EarlyStopping:
 
     @property
     def should_stop(self) -> bool:
-        return self.bad_epochs >= self.patience
+        return self.bad_epochs >= self.patience and not self.warming_up
+
+    @property
+    def warming_up(self) -> bool:
+        return self.epoch < self.min_epochs
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -26,7 +26,7 @@ from dpn_jax.data import padded_batches
 from dpn_jax.data.schema import Dataset, Split, split_len
 from dpn_jax.errors import ConfigError, DpnError
 from dpn_jax.train import batchnorm
-from dpn_jax.train.checkpoint import Checkpoints, all_finite, describe, run_metadata
+from dpn_jax.train.checkpoint import Checkpoints, all_finite, describe, run_defaults, run_metadata
 from dpn_jax.train.config import TrainConfig
 from dpn_jax.train.early_stopping import EarlyStopping
 from dpn_jax.train.metrics import auc, logloss_from_logits
@@ -119,7 +119,7 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, *,
     train_step = layout.jit_step(make_train_step(model, cfg, tx))
     predict = layout.jit_predict(make_predict(model))
     stats_of = batchnorm.make_batch_stats_fn(model) if state.batch_stats else None
-    stopper = EarlyStopping(patience=cfg.patience)
+    stopper = EarlyStopping(patience=cfg.patience, min_epochs=cfg.min_epochs)
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
     bar = EpochProgress(steps_per_epoch, cfg.batch_size, enabled=progress)
 
@@ -131,7 +131,7 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, *,
     run = run_metadata(model, data, cfg, state.params) if ckpt else None
     start, end_epoch, last_saved = (1, 0, None), cfg.max_epochs, None
     if resume:
-        r = ckpt.restore(state, run, cfg.patience)
+        r = ckpt.restore(state, run, cfg.patience, cfg.min_epochs, defaults=run_defaults(model))
         state, best, history, stopper = r.state, r.best, r.history, r.stopper
         train_seconds, compile_seconds, timed_samples = r.timing
         start, last_saved = (r.epoch, r.batch, r.epoch_loss), ckpt.path()
@@ -225,7 +225,7 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, *,
                 if ckpt:
                     save(epoch, n_steps, stopped=True)
                 break
-            elif cfg.reduce_lr_factor > 0:
+            elif cfg.reduce_lr_factor > 0 and not stopper.warming_up:
                 new_lr = max(cfg.min_lr, lr * cfg.reduce_lr_factor)
                 if new_lr < lr:
                     state = set_lr(state, new_lr)

@@ -228,7 +228,7 @@ def _fit_chunk(model, data: Dataset, cfgs: list[TrainConfig], *, log, progress, 
     # replicas stay in it, masked, until few are left; then the stack is compacted (one new
     # compilation) so a CPU stops spending steps on them.
     pos = np.arange(K)
-    stoppers = [EarlyStopping(patience=c.patience) for c in cfgs]
+    stoppers = [EarlyStopping(patience=c.patience, min_epochs=c.min_epochs) for c in cfgs]
     active = np.ones(K, bool)
     status = ["done"] * K
     messages = [""] * K
@@ -318,7 +318,7 @@ def _fit_chunk(model, data: Dataset, cfgs: list[TrainConfig], *, log, progress, 
                     improved_any.append(k)
                 elif stoppers[k].should_stop:
                     active[k] = False
-                elif c.reduce_lr_factor > 0:
+                elif c.reduce_lr_factor > 0 and not stoppers[k].warming_up:
                     new_lrs[j] = max(c.min_lr, float(lrs_held[j]) * c.reduce_lr_factor)
             if (new_lrs != lrs_held).any():
                 state = set_lr(state, new_lrs.astype(np.float32))
