@@ -85,3 +85,12 @@ def test_fuxictr_peer_matches_our_parameter_count():
     for m in ("dnn", "dcnv2"):
         assert rows[(m, "fuxictr")]["num_params"] - rows[(m, "dpn-jax")]["num_params"] == 1200
         assert rows[(m, "fuxictr")]["samples_per_s"] > 0
+
+
+def test_cpu_model_is_read_from_cpuinfo(tmp_path):
+    from dpn_jax.benchmark.harness import cpu_model
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13 64-Core Processor\n")
+    assert cpu_model(str(info)) == "AMD EPYC 7B13 64-Core Processor"
+    assert cpu_model(str(tmp_path / "absent")) != ""  # falls back, never raises

@@ -27,11 +27,23 @@ DEFAULT_MODELS = ("dnn", "dpn", "dpn_field", "dcnv2", "din", "dien")
 LATENCY_BATCHES = (1, 64, 4096)
 
 
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name (ratios against PyTorch differ between CPU makes: say which ran)."""
+    try:
+        with open(cpuinfo) as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def machine() -> dict[str, str]:
     d = jax.devices()[0]
     return {"platform": d.platform, "device": getattr(d, "device_kind", "") or platform.processor(),
             "devices": str(jax.device_count()), "cpu_count": str(os.cpu_count()),
-            "python": platform.python_version(), "host": platform.machine()}
+            "cpu": cpu_model(), "python": platform.python_version(), "host": platform.machine()}
 
 
 def _versions() -> dict[str, str]:
@@ -156,7 +168,8 @@ def format_markdown(result: dict, command: str) -> str:
     pipe = " · ".join(f"{w}: {v:,.0f} samples/s" for w, v in result["pipeline"].items())
     m, v = result["machine"], result["versions"]
     return "\n".join([
-        f"# Benchmark: {m['platform']} ({m['device']}, {m['devices']} device(s), {m['cpu_count']} CPUs)",
+        f"# Benchmark: {m['platform']} ({m['device']}, {m['devices']} device(s), {m['cpu_count']} CPUs: "
+        f"{m.get('cpu', 'unknown')})",
         "", f"Command: `{command}`", "",
         f"Batch {result['batch_size']}, median of {result['steps']} timed steps after compile and "
         f"warm-up; grad clip {result['grad_clip'] or 'off'}; total {result['seconds']:.0f} s. "
