@@ -141,6 +141,10 @@ def test_early_stopping():
     assert es.update(0.7) and es.warming_up
     assert not es.update(0.6) and not es.should_stop and es.warming_up
     assert not es.update(0.6) and es.should_stop and not es.warming_up
+    # a resumed stopper keeps its counters and takes patience / min_epochs from the config
+    again = EarlyStopping.for_config(TrainConfig(patience=4, min_epochs=5), es.state_dict())
+    assert (again.patience, again.min_epochs, again.epoch, again.bad_epochs, again.best) == (
+        4, 5, 3, 2, 0.7) and again.warming_up and not again.should_stop
 
 
 def test_split_overrides_types_and_errors():

@@ -186,8 +186,7 @@ class Checkpoints:
             raise DpnError(f"checkpoint {position} was not written to {self.directory}")
         return self.directory / str(position)
 
-    def restore(self, state, run: dict, patience: int, min_epochs: int = 0,
-                defaults: dict | None = None) -> Resumed:
+    def restore(self, state, run: dict, cfg: TrainConfig, defaults: dict | None = None) -> Resumed:
         """The newest checkpoint, read into the structure (and placement) of the fresh ``state``;
         ``defaults`` (:func:`run_defaults`) let a checkpoint predate a field left at its default."""
         args = self._ocp.args
@@ -215,7 +214,7 @@ class Checkpoints:
         if progress["has_best"]:
             best = (arrays["best"]["params"], arrays["best"]["batch_stats"], progress["best_epoch"],
                     progress["best_valid"])
-        stopper = EarlyStopping(**dict(progress["stopper"], patience=patience, min_epochs=min_epochs))
+        stopper = EarlyStopping.for_config(cfg, progress["stopper"])
         return Resumed(state=arrays["state"], best=best, history=progress["history"], stopper=stopper,
                        epoch=progress["epoch"], batch=progress["batch"], stopped=progress["stopped"],
                        epoch_loss=tuple(progress["epoch_loss"]), timing=tuple(progress["timing"]))

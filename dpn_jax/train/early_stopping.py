@@ -20,6 +20,12 @@ class EarlyStopping:
     epoch: int = 0
     bad_epochs: int = 0
 
+    @classmethod
+    def for_config(cls, cfg, saved: dict | None = None) -> EarlyStopping:
+        """The stopper of a ``TrainConfig`` (its ``patience`` and ``min_epochs``), continuing the
+        counters of ``saved`` (a :meth:`state_dict`) when resuming."""
+        return cls(**{**(saved or {}), "patience": cfg.patience, "min_epochs": cfg.min_epochs})
+
     def update(self, value: float) -> bool:
         self.epoch += 1
         if math.isfinite(value) and value > self.best + self.min_delta:

@@ -119,7 +119,7 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, *,
     train_step = layout.jit_step(make_train_step(model, cfg, tx))
     predict = layout.jit_predict(make_predict(model))
     stats_of = batchnorm.make_batch_stats_fn(model) if state.batch_stats else None
-    stopper = EarlyStopping(patience=cfg.patience, min_epochs=cfg.min_epochs)
+    stopper = EarlyStopping.for_config(cfg)
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
     bar = EpochProgress(steps_per_epoch, cfg.batch_size, enabled=progress)
 
@@ -131,7 +131,7 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, *,
     run = run_metadata(model, data, cfg, state.params) if ckpt else None
     start, end_epoch, last_saved = (1, 0, None), cfg.max_epochs, None
     if resume:
-        r = ckpt.restore(state, run, cfg.patience, cfg.min_epochs, defaults=run_defaults(model))
+        r = ckpt.restore(state, run, cfg, defaults=run_defaults(model))
         state, best, history, stopper = r.state, r.best, r.history, r.stopper
         train_seconds, compile_seconds, timed_samples = r.timing
         start, last_saved = (r.epoch, r.batch, r.epoch_loss), ckpt.path()

@@ -228,7 +228,7 @@ def _fit_chunk(model, data: Dataset, cfgs: list[TrainConfig], *, log, progress, 
     # replicas stay in it, masked, until few are left; then the stack is compacted (one new
     # compilation) so a CPU stops spending steps on them.
     pos = np.arange(K)
-    stoppers = [EarlyStopping(patience=c.patience, min_epochs=c.min_epochs) for c in cfgs]
+    stoppers = [EarlyStopping.for_config(c) for c in cfgs]
     active = np.ones(K, bool)
     status = ["done"] * K
     messages = [""] * K
