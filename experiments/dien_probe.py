@@ -37,7 +37,9 @@ from dpn_jax.train.config import TrainConfig, split_overrides
 from dpn_jax.train.loop import fit
 from dpn_jax.train.metrics import auc, logloss_from_logits
 
-PROTOCOL = dict(monitor="auc-logloss", reduce_lr_factor=0.1, batch_size=1024)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import table45  # noqa: E402  (Table 5's protocol)
 
 
 def knockout(kind: str):
@@ -61,7 +63,7 @@ def scores(net, variables, split, kind: str | None, batch_size: int = 4096):
     """Test logits (optionally under a knock-out) and the attention scores of every unit."""
 
     @jax.jit
-    def run(batch):
+    def run(variables, batch):  # variables as an argument: not baked into the program as constants
         def call():
             return net.apply(variables, batch, train=False, capture_intermediates=lambda m, _: isinstance(m, DINAttention))
 
@@ -74,7 +76,7 @@ def scores(net, variables, split, kind: str | None, batch_size: int = 4096):
     logits, atts = [], []
     for i in range(0, n, batch_size):
         batch = {k: np.asarray(v[i:i + batch_size]) for k, v in split.items()}
-        out, inter = run(batch)
+        out, inter = run(variables, batch)
         logits.append(np.asarray(out))
         atts.append([np.asarray(a) for a in captured_scores(inter["intermediates"])])
     return np.concatenate(logits), atts
@@ -87,7 +89,7 @@ def captured_scores(tree) -> list:
     for key, value in tree.items():
         if key == "__call__":
             found += [out[1] for out in value if isinstance(out, tuple) and len(out) == 2]
-        elif isinstance(value, dict) or hasattr(value, "items"):
+        elif hasattr(value, "items"):  # a dict or flax FrozenDict
             found += captured_scores(value)
     return found
 
@@ -113,7 +115,7 @@ def main(argv=None) -> int:
     p.add_argument("--data-option", dest="data_options", action="append", default=[])
     p.add_argument("--models", default="dien,dien_dpo")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="a model option for every model, e.g. --set embedding_init_std=0.01")
+                   help="a model or training option for every model, e.g. --set embedding_init_std=0.01")
     p.add_argument("--seed", type=int, default=2021)
     p.add_argument("--max-epochs", type=int, default=100)
     p.add_argument("--out", default=None)
@@ -122,10 +124,11 @@ def main(argv=None) -> int:
     data = load_dataset(args.data, data_dir=args.data_dir, **options)
     test = data.test
     labels = np.asarray(test["label"])
-    cfg = TrainConfig(seed=args.seed, max_epochs=args.max_epochs, **PROTOCOL)
     rows, logits_of = [], {}
     for name in args.models.split(","):
-        net = build_model(name, data.schema, **split_overrides(args.sets, model_options(name), name)[1])
+        train_kw, model_kw = split_overrides([*table45.PROTOCOL, *args.sets], model_options(name), name)
+        cfg = TrainConfig(seed=args.seed, max_epochs=args.max_epochs, **train_kw)
+        net = build_model(name, data.schema, **model_kw)
         res = fit(net, data, cfg, progress=False)
         variables = {"params": res.params, **({"batch_stats": res.batch_stats} if res.batch_stats else {})}
         base, atts = scores(net, variables, test, None)
@@ -140,7 +143,7 @@ def main(argv=None) -> int:
         print(row, flush=True)
     lines = [f"# DIEN knock-out probe: {data.name}, seed {args.seed}", "",
              f"Command: `python experiments/dien_probe.py {shlex.join(argv if argv is not None else sys.argv[1:])}`",
-             "", f"Protocol: {PROTOCOL}, max_epochs {args.max_epochs}; model options: {args.sets or 'defaults'}. Versions: {versions()}", "",
+             "", f"Protocol: `{' '.join(table45.PROTOCOL)}`, max_epochs {args.max_epochs}; options: {args.sets or 'defaults'}. Versions: {versions()}", "",
              "| model | best epoch | test AUC | logloss | AUC, final interest zeroed | AUC, uniform attention | "
              "max score × n | score entropy / log n |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
