@@ -8,9 +8,11 @@ final state.  This script trains each model once (the Table 5 protocol) and then
 test split, how much that path carries:
 
 - ``zero interest``: the AUGRU's final state replaced by zeros before the tower;
-- ``uniform attention``: the attention scores replaced by 1/n over the valid steps (so the
-  learned scores, the only place the DPO acts, are discarded);
-- the attention scores themselves: ``max score × n`` (1 = uniform) and the normalised entropy;
+- ``uniform attention``: the attention scores replaced by their row's mean over the valid steps
+  (1/n for softmax scores; the same total spread evenly for ``attention_norm=sigmoid``), so the
+  learned preferences between steps, the only place the DPO acts, are discarded;
+- the attention scores themselves, each row divided by its sum: ``max score × n`` (1 = uniform)
+  and the normalised entropy;
 - the size of the final interest against the other tower inputs (RMS per unit).
 
 Writes ``experiments/results/dien_probe_<data>.md`` with the command.
@@ -53,7 +55,8 @@ def knockout(kind: str):
         if kind == "uniform_attention" and isinstance(mod, DINAttention) and context.method_name == "__call__":
             pooled, a = next_fun(*args, **kwargs)
             mask = jnp.asarray(args[2], a.dtype)
-            return pooled, mask / jnp.maximum(mask.sum(-1, keepdims=True), 1.0)
+            mean = a.sum(-1, keepdims=True) / jnp.maximum(mask.sum(-1, keepdims=True), 1.0)
+            return pooled, mask * mean
         return next_fun(*args, **kwargs)
 
     return interceptor
@@ -95,11 +98,13 @@ def captured_scores(tree) -> list:
 
 
 def attention_stats(atts) -> tuple[float, float]:
-    """Mean of ``max score × n_valid`` and of the normalised entropy over rows with >= 2 steps."""
+    """Mean of ``max score × n_valid`` and of the normalised entropy over rows with >= 2 steps,
+    each row's scores divided by their sum (softmax rows already sum to 1)."""
     peaks, ents = [], []
     for batch_atts in atts:
         for a in batch_atts:
             valid = a > 0
+            a = a / np.maximum(a.sum(-1, keepdims=True), 1e-30)
             n = valid.sum(-1)
             keep = n >= 2
             peaks.append((a.max(-1) * n)[keep])

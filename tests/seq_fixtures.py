@@ -31,6 +31,8 @@ def seq_schema(max_len: int = MAX_LEN) -> Schema:
     return Schema(fields=fields, table_size=N_ITEMS + 6 + N_CATES)
 
 
+# dien / dien_dpo small enough for a unit test (test_dien, test_experiments' DIEN probe)
+DIEN_SMALL = dict(embedding_dim=4, hidden=(8, 4), attention_hidden=(6, 3), aux_hidden=(5,))
 CATE_OF = np.array([0, 1] + [2 + (i % 3) for i in range(N_ITEMS - 2)])  # local item -> local cate
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from seq_fixtures import (
     CATE_OF,
+    DIEN_SMALL,
     MAX_LEN,
     N_ITEMS,
     append_padding,
@@ -33,7 +34,7 @@ from dpn_jax.nn.recurrent_layers import GRU, KINDS, recurrence
 from dpn_jax.nn.sequence_layers import DINAttention
 from dpn_jax.train.state import aux_loss
 
-SMALL = dict(embedding_dim=4, hidden=(8, 4), attention_hidden=(6, 3), aux_hidden=(5,))
+SMALL = DIEN_SMALL
 PAD_CATE = N_ITEMS + 6  # the category history's pad id
 
 
@@ -212,10 +213,12 @@ def test_dien_options_and_errors():
                           jax.random.PRNGKey(0), batch)["params"]
     assert agru["evolution_0"]["hidden_kernel"].shape == (8, 16)  # r, c blocks only
     assert "query_0" not in agru
-    # attention_scale reaches the attention unit of both models (DIN's 1/sqrt(d) or DIEN's none)
+    # attention_scale (DIN's 1/sqrt(d) or DIEN's none) and attention_norm reach the attention
+    # unit of both models; the layer's effect: TestDINAttention in test_sequence_models
     assert opts["attention_scale"] is True and dpo_opts["attention_scale"] is True
+    assert opts["attention_norm"] == dpo_opts["attention_norm"] == "softmax"
     for name in ("dien", "dien_dpo"):
-        for scale in (True, False):  # the layer's effect: TestDINAttention in test_sequence_models
+        for scale, norm in ((True, "softmax"), (False, "softmax"), (True, "sigmoid")):
             seen = []
 
             def record(f, args, kwargs, ctx, seen=seen):
@@ -223,12 +226,14 @@ def test_dien_options_and_errors():
                     seen.append((ctx.module.scale, ctx.module.weight_norm))
                 return f(*args, **kwargs)
 
-            model = build_model(name, seq_schema(), **SMALL, attention_scale=scale)
+            model = build_model(name, seq_schema(), **SMALL, attention_scale=scale,
+                                attention_norm=norm)
             with nn.intercept_methods(record):
                 jax.eval_shape(model.init, jax.random.PRNGKey(0), batch)
-            assert seen and set(seen) == {(scale, "softmax")}
+            assert seen and set(seen) == {(scale, norm)}
     for bad, match in ((dict(evolution="lstm"), r"evolution='lstm'.*augru.*agru.*aigru"),
-                       (dict(gru_dim=-1), "gru_dim"), (dict(aux_loss_weight=-1.0), "aux_loss")):
+                       (dict(gru_dim=-1), "gru_dim"), (dict(aux_loss_weight=-1.0), "aux_loss"),
+                       (dict(attention_norm="l1"), r"dien: attention_norm='l1'.*softmax.*sigmoid")):
         model = build_model("dien", seq_schema(), **SMALL, **bad)
         with pytest.raises(ConfigError, match=match):
             jax.eval_shape(model.init, jax.random.PRNGKey(0), batch)
@@ -247,7 +252,7 @@ MODEL_CASES = [
     ("dien", {}),
     # agru is padding invariant as a layer (above); here the other evolutions and options
     ("dien_dpo", dict(evolution="aigru", gru_dim=5, attention_act="dice", dpo_input="behaviour",
-                      act="relu", batch_norm=True, dropout=0.1)),
+                      act="relu", batch_norm=True, dropout=0.1, attention_norm="sigmoid")),
 ]
 
 

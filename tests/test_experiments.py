@@ -80,12 +80,11 @@ def test_dien_probe_knockouts_match_independent_routes():
     """The probe's knock-outs equal the same model with parameters edited by hand: zero rows of
     the tower for the final interest (zeroed interest), a zero score layer (uniform softmax)."""
     import dien_probe
-    from seq_fixtures import jbatch, make_split, random_variables, seq_schema
+    from seq_fixtures import DIEN_SMALL, jbatch, make_split, random_variables, seq_schema
 
     from dpn_jax.models import build_model
 
-    model = build_model("dien", seq_schema(), embedding_dim=4, hidden=(8, 4),
-                        attention_hidden=(6, 3), aux_hidden=(5,))
+    model = build_model("dien", seq_schema(), **DIEN_SMALL)
     split = {k: v[:32] for k, v in make_split(32, 3).items()}
     v = random_variables(model.init, jbatch(split, 8))
     v = {k: x for k, x in v.items() if k != "losses"}
@@ -111,6 +110,32 @@ def test_dien_probe_knockouts_match_independent_routes():
     np.testing.assert_allclose(dien_probe.attention_stats(ref_atts), (1.0, 1.0), atol=1e-5)
 
 
+def test_dien_probe_uniform_knockout_keeps_the_sigmoid_level():
+    """With ``attention_norm=sigmoid`` the knock-out spreads each row's mean weight evenly (not
+    1/n): on a zero score layer (every weight σ(0) = 1/2 already) it changes nothing, while on
+    trained-looking scores it does."""
+    import dien_probe
+    from seq_fixtures import DIEN_SMALL, jbatch, make_split, random_variables, seq_schema
+
+    from dpn_jax.models import build_model
+
+    model = build_model("dien", seq_schema(), **DIEN_SMALL, attention_norm="sigmoid")
+    split = {k: v[:32] for k, v in make_split(32, 3).items()}
+    v = random_variables(model.init, jbatch(split, 8))
+    v = {k: x for k, x in v.items() if k != "losses"}
+    score = v["params"]["attention_0"]["score"]
+    v["params"]["attention_0"]["score"] = {"kernel": 50 * score["kernel"], "bias": score["bias"]}
+    base, _ = dien_probe.scores(model, v, split, None, batch_size=16)
+    uniform, _ = dien_probe.scores(model, v, split, "uniform_attention", batch_size=16)
+    assert not np.allclose(uniform, base, atol=1e-3)
+    flat = jax.tree.map(lambda t: t, v)
+    flat["params"]["attention_0"]["score"] = jax.tree.map(jnp.zeros_like, score)
+    ref, ref_atts = dien_probe.scores(model, flat, split, None, batch_size=16)
+    assert all(np.isin(a, (0.0, 0.5)).all() for batch in ref_atts for a in batch)
+    np.testing.assert_allclose(dien_probe.scores(model, flat, split, "uniform_attention",
+                                                 batch_size=16)[0], ref, atol=1e-6)
+
+
 def test_dien_probe_attention_stats():
     import dien_probe
 
@@ -120,3 +145,6 @@ def test_dien_probe_attention_stats():
     np.testing.assert_allclose(dien_probe.attention_stats([[uniform]]), (1.0, 1.0))
     ent = -(0.7 * np.log(0.7) + 3 * 0.1 * np.log(0.1)) / np.log(4)
     np.testing.assert_allclose(dien_probe.attention_stats([[peaked, one_hot]]), (2.8, ent))
+    # unnormalised (sigmoid) rows are divided by their sum first
+    np.testing.assert_allclose(dien_probe.attention_stats([[0.5 * uniform], [0.2 * peaked]]),
+                               (1.9, (1.0 + ent) / 2))

@@ -220,14 +220,16 @@ def test_din_first_layer_initialises_like_dense():
 # Linen layers: DIN attention against numpy, padding invariance of every layer
 
 
-def din_attention_reference(p, q, keys, mask, softmax=False, scale=True):
+def din_attention_reference(p, q, keys, mask, norm="none", scale=True):
     sig = lambda t: 1.0 / (1.0 + np.exp(-t))  # noqa: E731
     qb = np.broadcast_to(q[:, None], keys.shape)
     h = np.concatenate([qb, keys, qb - keys, qb * keys], -1)
     h = sig(h @ p["dense_0"]["kernel"] + p["dense_0"]["bias"])
     h = sig(h @ p["dense_1"]["kernel"] + p["dense_1"]["bias"])
     s = (h @ p["score"]["kernel"] + p["score"]["bias"])[..., 0]
-    if softmax:
+    if norm == "sigmoid":
+        s = sig(s)
+    if norm == "softmax":
         s = np.where(mask, s / np.sqrt(keys.shape[-1]) if scale else s, -np.inf)
         top = np.where(mask.any(1), s.max(1), 0.0)[:, None]  # empty history: all weights 0
         e = np.where(mask, np.exp(s - top), 0.0)
@@ -241,13 +243,14 @@ class TestDINAttention(chex.TestCase):
     def test_matches_numpy(self):
         keys, mask = sequences(b=4, length=6, d=4)
         q = np.random.default_rng(7).normal(size=(4, 4)).astype(np.float32)
-        for norm, scale in (("none", True), ("softmax", True), ("softmax", False)):
+        for norm, scale in (("none", True), ("softmax", True), ("softmax", False),
+                            ("sigmoid", True)):
             layer = DINAttention(hidden=(5, 3), weight_norm=norm, scale=scale)
             v = random_variables(layer.init, q, keys, mask)
             apply = self.variant(functools.partial(layer.apply, return_weights=True))
             out, a = apply(v, q, garbage_at_padding(keys, mask), mask)
             p = jax.tree.map(np.asarray, v["params"])
-            exp_out, exp_a = din_attention_reference(p, q, keys, mask, norm == "softmax", scale)
+            exp_out, exp_a = din_attention_reference(p, q, keys, mask, norm, scale)
             np.testing.assert_allclose(np.asarray(out), exp_out, rtol=1e-4, atol=1e-5)
             np.testing.assert_allclose(np.asarray(a), exp_a, rtol=1e-4, atol=1e-5)
             assert (np.asarray(out)[3] == 0).all()  # empty history pools to zeros

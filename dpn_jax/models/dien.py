@@ -44,7 +44,7 @@ from dpn_jax.models.registry import register
 from dpn_jax.models.sequence_family import SequenceTower, attention_groups, with_interests
 from dpn_jax.nn.embedding import FieldEmbedding
 from dpn_jax.nn.recurrent_layers import EVOLUTIONS, GRU
-from dpn_jax.nn.sequence_layers import Activation, DINAttention, check_activation
+from dpn_jax.nn.sequence_layers import DIN_WEIGHT_NORMS, Activation, DINAttention, check_activation
 
 Array = jax.Array
 AUX_LOSS_NAME = "dien_aux"
@@ -114,6 +114,8 @@ class DIEN(nn.Module):
     network off); ``aux_hidden`` (100, 50) with sigmoid (DIEN's public code);
     ``attention_scale`` divides the scores by √d before the softmax (DIN's public code; DIEN's
     ``din_fcn_attention`` has that line commented out: ``--set attention_scale=false``);
+    ``attention_norm`` softmax (DIEN) | sigmoid (each step's gate scale ``σ(s_t)`` on its own: the
+    trained softmax attention is uniform, see ``experiments/dien_probe.py``) | none (raw scores);
     ``embedding_init_std`` 1e-4 (FuxiCTR's normal init; see ``experiments/dien_probe.py`` for what
     it does to the softmax attention).  A schema without
     behaviour pairs reduces to the tower over the field embeddings."""
@@ -134,9 +136,10 @@ class DIEN(nn.Module):
     aux_hidden: Sequence[int] = (100, 50)
     embedding_init_std: float = 1e-4
     attention_scale: bool = True
+    attention_norm: str = "softmax"
 
     def attention_unit(self, name: str) -> DINAttention:
-        return DINAttention(tuple(self.attention_hidden), self.attention_act, "softmax",
+        return DINAttention(tuple(self.attention_hidden), self.attention_act, self.attention_norm,
                             self.bn_momentum, scale=self.attention_scale, name=name)
 
     def check_options(self) -> None:
@@ -148,6 +151,9 @@ class DIEN(nn.Module):
         if self.gru_dim < 0:
             raise ConfigError(f"dien: gru_dim={self.gru_dim}; expected 0 (the behaviour size) "
                               f"or a positive number of units")
+        if self.attention_norm not in DIN_WEIGHT_NORMS:
+            raise ConfigError(f"dien: attention_norm={self.attention_norm!r}; expected one of "
+                              f"{list(DIN_WEIGHT_NORMS)}")
         if self.aux_loss_weight < 0:
             raise ConfigError(f"dien: aux_loss_weight={self.aux_loss_weight}; expected >= 0")
 
@@ -219,7 +225,7 @@ class DIENDPO(DIEN):
     dpo_input: str = "features"
 
     def attention_unit(self, name: str) -> DINAttention:
-        return DINAttention(tuple(self.attention_hidden), self.attention_act, "softmax",
+        return DINAttention(tuple(self.attention_hidden), self.attention_act, self.attention_norm,
                             self.bn_momentum, dpo=True, dpo_input=self.dpo_input,
                             generator=self.generator, rank=self.rank, heads=self.heads,
                             num_kernels=self.num_kernels, scale=self.attention_scale, name=name)

@@ -24,7 +24,7 @@ from dpn_jax.nn.mlp import ACTIVATIONS
 
 Array = jax.Array
 
-DIN_WEIGHT_NORMS = ("none", "softmax")
+DIN_WEIGHT_NORMS = ("none", "softmax", "sigmoid")
 DPO_INPUTS = ("features", "behaviour")
 
 
@@ -190,7 +190,9 @@ class DINAttention(nn.Module):
     ``q [B,d], keys [B,L,d], mask [B,L] -> [B,d]``.  ``weight_norm``: ``"none"`` (default, the
     paper: "normalization with softmax ... is abandoned" to keep the intensity of interests) or
     ``"softmax"`` over the valid steps (DIN's public code, which also scales by ``1/√d``;
-    ``scale=False`` drops that, as DIEN's public ``din_fcn_attention`` does).
+    ``scale=False`` drops that, as DIEN's public ``din_fcn_attention`` does), or ``"sigmoid"``:
+    each step's weight ``σ(s_i)`` in (0, 1) on its own (not a distribution over the steps, so a
+    trained unit cannot settle on uniform weights; a research option for DIEN's gates).
     ``hidden`` (80, 40) with ``act`` sigmoid: DIN's public code; ``"dice"`` uses statistics
     over the valid steps only.  The output unit is linear.  An empty history pools to zeros.
 
@@ -248,6 +250,8 @@ class DINAttention(nn.Module):
         if self.weight_norm == "softmax":
             s = jnp.where(mask, s / math.sqrt(keys.shape[-1]) if self.scale else s, -1e9)
             s = jax.nn.softmax(s, axis=-1)
+        elif self.weight_norm == "sigmoid":
+            s = jax.nn.sigmoid(s)
         a = jnp.where(mask, s, 0)
         pooled = jnp.einsum("bl,bld->bd", a, keys)
         return (pooled, a) if return_weights else pooled
