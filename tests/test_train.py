@@ -147,6 +147,21 @@ def test_early_stopping():
         4, 5, 3, 2, 0.7) and again.warming_up and not again.should_stop
 
 
+def test_lr_after_bad_epoch():
+    """The one lr-cut rule of fit and the sweep: times the factor, floored at min_lr, never raised,
+    none while warming up or with the factor 0."""
+    cfg = TrainConfig(reduce_lr_factor=0.1, min_lr=1e-5)
+    es = EarlyStopping(patience=3)
+    es.update(0.7)
+    assert es.lr_after_bad_epoch(1e-3, cfg) == pytest.approx(1e-4)
+    assert es.lr_after_bad_epoch(5e-5, cfg) == 1e-5  # floored
+    assert es.lr_after_bad_epoch(1e-6, cfg) == 1e-6  # below the floor already: not raised
+    assert es.lr_after_bad_epoch(1e-3, TrainConfig(reduce_lr_factor=0.0)) == 1e-3
+    warm = EarlyStopping(patience=3, min_epochs=2)
+    warm.update(0.7)
+    assert warm.lr_after_bad_epoch(1e-3, cfg) == 1e-3
+
+
 def test_split_overrides_types_and_errors():
     opts = model_options("dnn")
     train_kw, model_kw = split_overrides(["lr=3e-4", "hidden=64,32", "dropout=0.2", "bn_recalibrate=false"], opts, "dnn")

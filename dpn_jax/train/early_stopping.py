@@ -42,5 +42,13 @@ class EarlyStopping:
     def warming_up(self) -> bool:
         return self.epoch < self.min_epochs
 
+    def lr_after_bad_epoch(self, lr: float, cfg) -> float:
+        """The learning rate after an epoch without gain that did not stop the run: times
+        ``cfg.reduce_lr_factor`` and floored at ``cfg.min_lr`` (never raised above ``lr``); ``lr``
+        itself while warming up or when the factor is 0 (cuts off)."""
+        if cfg.reduce_lr_factor <= 0 or self.warming_up:
+            return lr
+        return min(lr, max(cfg.min_lr, lr * cfg.reduce_lr_factor))
+
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)

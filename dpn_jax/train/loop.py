@@ -225,11 +225,9 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, *,
                 if ckpt:
                     save(epoch, n_steps, stopped=True)
                 break
-            elif cfg.reduce_lr_factor > 0 and not stopper.warming_up:
-                new_lr = max(cfg.min_lr, lr * cfg.reduce_lr_factor)
-                if new_lr < lr:
-                    state = set_lr(state, new_lr)
-                    log(f"reduce lr to {new_lr:.1e}")
+            elif (new_lr := stopper.lr_after_bad_epoch(lr, cfg)) < lr:
+                state = set_lr(state, new_lr)
+                log(f"reduce lr to {new_lr:.1e}")
             if ckpt:
                 save(epoch, n_steps)
     finally:

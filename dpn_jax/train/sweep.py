@@ -318,8 +318,8 @@ def _fit_chunk(model, data: Dataset, cfgs: list[TrainConfig], *, log, progress, 
                     improved_any.append(k)
                 elif stoppers[k].should_stop:
                     active[k] = False
-                elif c.reduce_lr_factor > 0 and not stoppers[k].warming_up:
-                    new_lrs[j] = max(c.min_lr, float(lrs_held[j]) * c.reduce_lr_factor)
+                else:
+                    new_lrs[j] = stoppers[k].lr_after_bad_epoch(float(lrs_held[j]), c)
             if (new_lrs != lrs_held).any():
                 state = set_lr(state, new_lrs.astype(np.float32))
             if on_epoch is not None:
