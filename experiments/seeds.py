@@ -40,6 +40,23 @@ def mean_std(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs):.4f}"
 
 
+def number_options(p: argparse.ArgumentParser, flag: str, pairs: list[str]) -> dict:
+    """``["rows=60000", "noise=0.5"]`` -> ``{"rows": 60000, "noise": 0.5}`` (ints stay ints)."""
+    out = {}
+    for kv in pairs:
+        key, sep, value = kv.partition("=")
+        try:
+            out[key] = int(value) if sep else None
+        except ValueError:
+            try:
+                out[key] = float(value)
+            except ValueError:
+                out[key] = None
+        if not key or out[key] is None:
+            p.error(f"{flag} expects KEY=NUMBER, got {kv!r}")
+    return out
+
+
 def main(argv: list[str] | None = None, command: str | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True)
@@ -58,16 +75,13 @@ def main(argv: list[str] | None = None, command: str | None = None) -> int:
                    metavar="KEY=VALUE", help="a load_dataset option of a built-in dataset, e.g. "
                    "max_users=15000 for a behaviour log (stated in the table header)")
     args = p.parse_args(argv)
-    synthetic = {k: float(v) if "." in v or "e" in v else int(v)
-                 for k, v in (kv.split("=", 1) for kv in args.synthetic.split(",") if kv)}
-    if synthetic and (args.data != "synthetic" or args.sequential):
-        p.error("--synthetic needs --data synthetic (and no --sequential)")
-    try:
-        data_options = {k: int(v) for k, v in (kv.split("=", 1) for kv in args.data_options)}
-    except ValueError:
-        p.error(f"--data-option expects KEY=INTEGER, got {args.data_options}")
+    # --synthetic (comma separated) and --data-option: one route into load_dataset's options
+    synthetic = number_options(p, "--synthetic", [kv for kv in args.synthetic.split(",") if kv])
+    if synthetic and args.data != "synthetic":
+        p.error("--synthetic needs --data synthetic")
+    data_options = {**synthetic, **number_options(p, "--data-option", args.data_options)}
     if data_options and args.sequential:
-        p.error("--data-option needs the vmapped sweep (no --sequential)")
+        p.error("--synthetic / --data-option need the vmapped sweep (no --sequential)")
     xla_cache.enable()
     seeds = [int(s) for s in args.seeds.split(",")]
     out = Path(args.out)
@@ -88,7 +102,7 @@ def main(argv: list[str] | None = None, command: str | None = None) -> int:
                                progress=False, log=lambda s: None) for seed in missing]
         elif missing:
             if dataset is None:
-                dataset = load_dataset(args.data, data_dir=args.data_dir, **synthetic, **data_options)
+                dataset = load_dataset(args.data, data_dir=args.data_dir, **data_options)
             fresh = train_seeds(model, dataset, missing, sets, data_name=args.data, progress=False)
         for r in fresh:
             r.pop("history", None)
@@ -111,7 +125,7 @@ def main(argv: list[str] | None = None, command: str | None = None) -> int:
         shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     lines = [f"# {args.data}: test AUC / logloss over seeds {args.seeds}", "",
              *([f"Synthetic generator: `{args.synthetic}`", ""] if synthetic else []),
-             *([f"Data options: `{' '.join(args.data_options)}`", ""] if data_options else []),
+             *([f"Data options: `{' '.join(args.data_options)}`", ""] if args.data_options else []),
              f"Command: `{command}`", "",
              *([f"Protocol for every run: `{' '.join(args.protocol)}`", ""] if args.protocol else []),
              f"Versions: {json.dumps(versions())}", "",

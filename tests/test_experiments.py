@@ -69,11 +69,16 @@ def test_data_options_reach_the_loader_and_the_table(monkeypatch, tmp_path, tiny
     monkeypatch.setattr(seeds, "load_dataset", lambda *a, **k: seen.update(k) or tiny_synthetic)
     out = tmp_path / "t"
     assert seeds_main(["--data", "synthetic", "--seeds", "1", "--out", str(out), "--protocol",
-                       "max_epochs=1", "--run", "lr", "--data-option", "max_users=7"], command="c") == 0
-    assert seen["max_users"] == 7
-    assert "Data options: `max_users=7`" in (out.parent / "t.md").read_text()
+                       "max_epochs=1", "--run", "lr", "--data-option", "max_users=7",
+                       "--synthetic", "rows=300,noise=0.5"], command="c") == 0
+    assert seen == {"data_dir": None, "max_users": 7, "rows": 300, "noise": 0.5}
+    assert type(seen["rows"]) is int and type(seen["noise"]) is float
+    table = (out.parent / "t.md").read_text()
+    assert "Data options: `max_users=7`" in table and "Synthetic generator: `rows=300,noise=0.5`" in table
     with pytest.raises(SystemExit):
         seeds_main(["--data", "x", "--out", str(out), "--run", "lr", "--data-option", "max_users=a"])
+    with pytest.raises(SystemExit):
+        seeds_main(["--data", "x", "--out", str(out), "--run", "lr", "--synthetic", "rows=1"])
 
 
 def test_dien_probe_knockouts_match_independent_routes():
