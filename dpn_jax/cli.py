@@ -99,6 +99,9 @@ def _add_serving_parsers(sub) -> None:
     p.add_argument("--id-column", default=None, help="copy this input column to the output")
     p.add_argument("--batch-size", type=int, default=4096, help="rows read and scored at a time")
     p.add_argument("--sep", default=None, help="csv delimiter (default: the dataset spec's)")
+    p.add_argument("--columns", default=None, metavar="NAMES",
+                   help="the input csv has no header line: its columns, comma separated, '...' "
+                        "for the model's raw columns in order (Criteo's train.txt: label,...)")
     e = sub.add_parser("export", help="serialise a bundle's scoring function with jax.export")
     e.add_argument("--model", required=True, help="a bundle directory written by `train --out`")
     e.add_argument("--out", required=True, help="output directory (load with dpn_jax.serving.load_exported)")
@@ -127,7 +130,7 @@ def _cmd_predict(args) -> int:
     from dpn_jax.serving.stream import predict_file
 
     summary = predict_file(load(args.model), args.input, args.output, id_column=args.id_column,
-                           batch_size=args.batch_size, sep=args.sep)
+                           batch_size=args.batch_size, sep=args.sep, columns=args.columns)
     print(json.dumps(summary), flush=True)
     return 0
 

@@ -105,6 +105,30 @@ def test_predict_command_streams_in_order(bundle: Path, tmp_path: Path, capsys, 
     np.testing.assert_allclose(table.column("probability").to_numpy(), in_memory, **TOL)
 
 
+def test_predict_command_reads_a_headerless_csv(bundle: Path, tmp_path: Path, capsys) -> None:
+    """``--columns id,...``: a csv without a header line (Criteo's layout), its columns the id
+    then the model's raw columns in the bundle's order, scores as the file with a header."""
+    raw = read_raw(bundle.parent / "test.csv")
+    features = list(dpn_jax.load(bundle).raw_columns)
+    src = tmp_path / "headerless.csv"
+    src.write_text("".join(",".join([raw["id"][i], *(raw[c][i] for c in features)]) + "\n"
+                           for i in range(len(raw["id"]))))
+    out = tmp_path / "scores.csv"
+    assert main(["predict", "--model", str(bundle), "--input", str(src), "--output", str(out),
+                 "--id-column", "id", "--columns", "id,...", "--batch-size", "32"]) == 0
+    capsys.readouterr()
+    table = pacsv.read_csv(out)
+    assert table.column("id").to_pylist() == raw["id"]
+    np.testing.assert_allclose(table.column("probability").to_numpy(),
+                               dpn_jax.load(bundle).predict(raw), **TOL)
+    for spec, fragment in (("...", "--columns gave"), ("id,...,...", "'...' at most once"),
+                           (f"id,{features[0]},...", "given twice"), ("id,,...", "comma-separated")):
+        assert main(["predict", "--model", str(bundle), "--input", str(src), "--output",
+                     str(tmp_path / "o.csv"), "--columns", spec]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and fragment in err[0], (spec, err)
+
+
 def test_predict_command_errors_are_one_line(bundle: Path, tmp_path: Path, capsys) -> None:
     src = bundle.parent / "test.csv"
     cases = [

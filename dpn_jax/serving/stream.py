@@ -5,6 +5,10 @@ The input is read in record batches (pyarrow's streaming csv reader, or parquet 
 incrementally (``CSVWriter`` / ``ParquetWriter``), so memory holds a few chunks, never the file.
 Row order is kept. csv cells are read as text, exactly as training read them ("007" stays "007";
 an empty cell is missing).
+
+A csv without a header line (Criteo's ``train.txt`` / ``test.txt``) gets its column names from
+``columns``, where ``...`` stands for the bundle's raw feature columns in the bundle's order:
+``label,...`` for a file with the label first, ``...`` for features only.
 """
 
 from __future__ import annotations
@@ -44,26 +48,48 @@ def _check_columns(path: Path, wanted: list[str], present: list[str]) -> None:
             raise DataError(f"{path}: column {c!r} not found; the file's columns are {present}")
 
 
-def read_batches(path: Path, columns: list[str], sep: str, block_rows: int) -> Iterator[pa.RecordBatch]:
-    """Record batches of ``columns`` (csv: all as text), in file order."""
+def header_names(spec: str, features: list[str]) -> list[str]:
+    """``--columns`` (comma separated, ``...`` = the bundle's raw feature columns) -> names."""
+    names = [n.strip() for n in spec.split(",")]
+    if "" in names or names.count("...") > 1:
+        raise DataError(f"--columns {spec!r}: expected comma-separated names, '...' at most once "
+                        f"for the model's columns (e.g. label,...)")
+    out = [c for n in names for c in (features if n == "..." else [n])]
+    dup = sorted({c for c in out if out.count(c) > 1})
+    if dup:
+        raise DataError(f"--columns {spec!r}: names {dup} given twice (the model's columns are "
+                        f"{features})")
+    return out
+
+
+def read_batches(path: Path, columns: list[str], sep: str, block_rows: int,
+                 names: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+    """Record batches of ``columns`` (csv: all as text), in file order; ``names``: the csv has no
+    header line and these are its columns."""
     if not path.is_file():
         raise DataError(f"input file not found: {path}")
     try:
         if file_kind(path, "input") == "parquet":
+            if names is not None:
+                raise DataError(f"{path}: --columns names the columns of a csv without a header; "
+                                f"a parquet file has its own names")
             pf = pq.ParquetFile(path)
             _check_columns(path, columns, pf.schema_arrow.names)
             yield from pf.iter_batches(batch_size=block_rows, columns=columns)
             return
         parse = pacsv.ParseOptions(delimiter="\t" if ".tsv" in path.name.lower() else sep)
-        with pacsv.open_csv(path, parse_options=parse) as probe:
+        read = pacsv.ReadOptions(column_names=names)
+        with pacsv.open_csv(path, parse_options=parse, read_options=read) as probe:
             _check_columns(path, columns, probe.schema.names)
         convert = pacsv.ConvertOptions(include_columns=columns, strings_can_be_null=True,
                                        column_types={c: pa.string() for c in columns}, null_values=[""])
-        with pacsv.open_csv(path, parse_options=parse, convert_options=convert) as reader:
+        with pacsv.open_csv(path, parse_options=parse, read_options=read,
+                            convert_options=convert) as reader:
             yield from reader
     except pa.ArrowInvalid as e:
         first = (str(e).strip().splitlines() or ["ArrowInvalid"])[0]
-        raise DataError(f"{path}: cannot read: {first}") from None
+        hint = f" (--columns gave {len(names)} names)" if names is not None else ""
+        raise DataError(f"{path}: cannot read: {first}{hint}") from None
 
 
 def rechunk(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.Table]:
@@ -103,14 +129,16 @@ class _Writer:
 
 def predict_file(predictor: Predictor, input: str | Path, output: str | Path, *,
                  id_column: str | None = None, batch_size: int = 4096,
-                 sep: str | None = None) -> dict[str, Any]:
-    """Score every row of ``input`` into ``output`` (csv or parquet by extension)."""
+                 sep: str | None = None, columns: str | None = None) -> dict[str, Any]:
+    """Score every row of ``input`` into ``output`` (csv or parquet by extension); ``columns``:
+    the names of a csv without a header (module docstring)."""
     if batch_size < 1:
         raise DataError(f"--batch-size must be >= 1, got {batch_size}")
     src, dst = Path(input), Path(output)
     out_kind = file_kind(dst, "output")
     if dst.resolve() == src.resolve():
         raise DataError(f"{dst}: the output would overwrite the input; choose another --output")
+    names = header_names(columns, list(predictor.raw_columns)) if columns is not None else None
     columns = list(dict.fromkeys([*predictor.raw_columns, *([id_column] if id_column else [])]))
     sep = sep or predictor.bundle.dataset.get("sep") or ","  # libfm bundles: "," (one column per field)
     t0 = time.perf_counter()
@@ -119,7 +147,7 @@ def predict_file(predictor: Predictor, input: str | Path, output: str | Path, *,
     out_schema = pa.schema(([pa.field(id_column, pa.string())] if id_column else [])
                            + [pa.field(SCORE_COLUMN, pa.float32())])
     try:
-        for table in rechunk(read_batches(src, columns, sep, batch_size), batch_size):
+        for table in rechunk(read_batches(src, columns, sep, batch_size, names), batch_size):
             probs = predictor.predict(table, batch_size=batch_size)
             cols = {SCORE_COLUMN: pa.array(probs, pa.float32())}
             if id_column:
