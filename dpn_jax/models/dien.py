@@ -114,8 +114,8 @@ class DIEN(nn.Module):
     network off); ``aux_hidden`` (100, 50) with sigmoid (DIEN's public code);
     ``attention_scale`` divides the scores by √d before the softmax (DIN's public code; DIEN's
     ``din_fcn_attention`` has that line commented out: ``--set attention_scale=false``);
-    ``attention_norm`` softmax (DIEN) | sigmoid (each step's gate scale ``σ(s_t)`` on its own: the
-    trained softmax attention is uniform, see ``experiments/dien_probe.py``) | none (raw scores);
+    ``attention_norm`` softmax (DIEN) | sigmoid (each step's gate scale ``σ(s_t)`` on its own; the
+    trained scores are uniform with either, ``experiments/dien_probe.py``) | none (raw scores);
     ``embedding_init_std`` 1e-4 (FuxiCTR's normal init; see ``experiments/dien_probe.py`` for what
     it does to the softmax attention).  A schema without
     behaviour pairs reduces to the tower over the field embeddings."""

@@ -191,8 +191,8 @@ class DINAttention(nn.Module):
     paper: "normalization with softmax ... is abandoned" to keep the intensity of interests) or
     ``"softmax"`` over the valid steps (DIN's public code, which also scales by ``1/√d``;
     ``scale=False`` drops that, as DIEN's public ``din_fcn_attention`` does), or ``"sigmoid"``:
-    each step's weight ``σ(s_i)`` in (0, 1) on its own (not a distribution over the steps, so a
-    trained unit cannot settle on uniform weights; a research option for DIEN's gates).
+    each step's weight ``σ(s_i)`` in (0, 1) on its own (not a distribution over the steps: no
+    zero-sum of the score gradients within a row; a research option for DIEN's gates).
     ``hidden`` (80, 40) with ``act`` sigmoid: DIN's public code; ``"dice"`` uses statistics
     over the valid steps only.  The output unit is linear.  An empty history pools to zeros.
 
