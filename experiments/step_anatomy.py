@@ -97,9 +97,10 @@ def jax_parts() -> dict[str, tuple[Callable[[], object], float]]:
         def dot(a, b, dims, dtype=dtype):
             return jax.lax.dot_general(a.astype(dtype), b.astype(dtype), (dims, ((), ())),
                                        preferred_element_type=jnp.float32)
-        for label, fn, args in (("x @ W", lambda a, b: dot(a, b, ((1,), (0,))), (x, w)),
-                                ("g @ Wᵀ", lambda a, b: dot(a, b, ((1,), (1,))), (g, w)),
-                                ("xᵀ @ g", lambda a, b: dot(a, b, ((0,), (0,))), (x, g))):
+        # dot bound as a default: each dtype's lambdas keep their own (traced at the first call)
+        for label, fn, args in (("x @ W", lambda a, b, dot=dot: dot(a, b, ((1,), (0,))), (x, w)),
+                                ("g @ Wᵀ", lambda a, b, dot=dot: dot(a, b, ((1,), (1,))), (g, w)),
+                                ("xᵀ @ g", lambda a, b, dot=dot: dot(a, b, ((0,), (0,))), (x, g))):
             f = jax.jit(fn)
             parts[f"matmul {label} {name}"] = (lambda f=f, args=args: f(*args).block_until_ready(), mm)
     dims = [D_IN, H, H, H, 1]
