@@ -10,7 +10,8 @@ interleaved round by round (``--rounds``) so other load hits both alike:
 - the three matmul shapes of one hidden layer: forward ``x @ W``, input gradient ``g @ Wᵀ`` and
   weight gradient ``xᵀ @ g`` (4096 x 400 x 400), fp32 and bf16 (fp32 accumulation);
 - the MLP 390-400-400-400-1 forward + backward with and without BatchNorm, fp32, and with bf16
-  matmuls (JAX: bf16 operands with fp32 accumulation in a custom VJP; PyTorch: CPU autocast);
+  matmuls (JAX: bf16 operands with fp32 accumulation in a custom VJP, also with the weight
+  gradient reading a row-major ``xᵀ`` (``with_layout_constraint``); PyTorch: CPU autocast);
 - the embedding part: gather of 4096 x 39 rows of the 1M x 10 table, forward + the dense
   gradient (zero fill + scatter-add), and one dense Adam update of the table.
 
@@ -35,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental.layout import Layout, with_layout_constraint
 
 from dpn_jax.benchmark.harness import cpu_model
 from dpn_jax.runner import versions
@@ -74,6 +76,28 @@ def _bf16_bwd(res, g):
 bf16_matmul.defvjp(_bf16_fwd, _bf16_bwd)
 
 
+def row_major_transpose(x):
+    """``xᵀ`` stored row-major: XLA otherwise folds the transpose into the dot's dimension numbers,
+    and XLA:CPU's YNNPACK dots take a slow path on the batch-contracting weight gradient."""
+    return with_layout_constraint(x.T, Layout(major_to_minor=(0, 1)))
+
+
+@jax.custom_vjp
+def bf16_matmul_rm(x, w):
+    """:func:`bf16_matmul` whose weight gradient reads a row-major ``xᵀ``."""
+    return bf16_matmul(x, w)
+
+
+def _bf16_rm_bwd(res, g):
+    xb, wb = res
+    gb = g.astype(BF16)
+    return (jnp.dot(gb, wb.T, preferred_element_type=jnp.float32),
+            jnp.dot(row_major_transpose(xb), gb, preferred_element_type=jnp.float32))
+
+
+bf16_matmul_rm.defvjp(_bf16_fwd, _bf16_rm_bwd)
+
+
 def jax_mlp_loss(ws, x, y, matmul, batch_norm: bool):
     for w in ws[:-1]:
         h = matmul(x, w)
@@ -103,13 +127,17 @@ def jax_parts() -> dict[str, tuple[Callable[[], object], float]]:
                                 ("xᵀ @ g", lambda a, b, dot=dot: dot(a, b, ((0,), (0,))), (x, g))):
             f = jax.jit(fn)
             parts[f"matmul {label} {name}"] = (lambda f=f, args=args: f(*args).block_until_ready(), mm)
+        f = jax.jit(lambda a, b, dtype=dtype: jnp.dot(row_major_transpose(a.astype(dtype)),
+                                                      b.astype(dtype), preferred_element_type=jnp.float32))
+        parts[f"matmul xᵀ @ g {name}, xᵀ row-major"] = (lambda f=f: f(x, g).block_until_ready(), mm)
     dims = [D_IN, H, H, H, 1]
     ws = [jnp.asarray(rng.normal(size=(a, b)) * 0.05, jnp.float32) for a, b in zip(dims[:-1], dims[1:])]
     xin = jnp.asarray(rng.normal(size=(B, D_IN)), jnp.float32)
     y = jnp.asarray(rng.random(B) < 0.3, jnp.float32)
     mlp_flops = 3 * 2.0 * B * sum(a * b for a, b in zip(dims[:-1], dims[1:]))  # fwd + 2 bwd
     for bn in (True, False):
-        for name, matmul in (("fp32", jnp.matmul), ("bf16", bf16_matmul)):
+        for name, matmul in (("fp32", jnp.matmul), ("bf16", bf16_matmul),
+                             ("bf16, xᵀ row-major", bf16_matmul_rm)):
             f = jax.jit(jax.grad(functools.partial(jax_mlp_loss, matmul=matmul, batch_norm=bn)))
             key = f"MLP fwd+bwd {'BN' if bn else 'no BN'} {name}"
             parts[key] = (lambda f=f: jax.block_until_ready(f(ws, xin, y)), mlp_flops)
