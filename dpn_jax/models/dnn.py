@@ -18,7 +18,9 @@ class DNN(nn.Module):
     """Embedding -> MLP 400-400-400 (BatchNorm, ReLU, dropout) -> logit.
 
     Defaults follow the AFN paper (AAAI 2020, Sec. 4.1) and BARS: embedding 10, three hidden
-    layers of 400 with BatchNorm and ReLU; dropout off (turn it on with ``--set dropout=0.2``)."""
+    layers of 400 with BatchNorm and ReLU; dropout off (turn it on with ``--set dropout=0.2``).
+    ``matmul_dtype=bfloat16``: the tower's products in bfloat16 with float32 accumulation
+    (:mod:`dpn_jax.nn.precision`; parameters and Adam stay float32)."""
 
     schema: Schema
     embedding_dim: int = 10
@@ -27,11 +29,12 @@ class DNN(nn.Module):
     dropout: float = 0.0
     act: str = "relu"
     bn_momentum: float = 0.9
+    matmul_dtype: str = "float32"
 
     @nn.compact
     def __call__(self, batch, train: bool = False) -> jnp.ndarray:
         e = FieldEmbedding(self.schema, dim=self.embedding_dim, name="embedding")(batch)
         h = e.reshape(e.shape[0], -1)
         h = MLP(tuple(self.hidden), self.batch_norm, self.dropout, self.act, self.bn_momentum,
-                name="mlp")(h, train)
+                matmul_dtype=self.matmul_dtype, name="mlp")(h, train)
         return nn.Dense(1, name="out")(h)[:, 0]

@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from dpn_jax.nn.dropout import Dropout16, dropout_active
+from dpn_jax.nn.precision import dense_dot_general
 
 ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu, "tanh": jnp.tanh, "sigmoid": nn.sigmoid,
                "silu": nn.silu, "linear": lambda x: x}
@@ -32,12 +33,15 @@ class MLP(nn.Module):
     bn_momentum: float = 0.9
     # Glorot-normal kernels, zero biases: FuxiCTR/BARS's init (BaseModel.init_weights).
     kernel_init: str = "glorot_normal"
+    # "bfloat16": the Dense products read bfloat16 operands, accumulate in float32 (nn/precision.py)
+    matmul_dtype: str = "float32"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         f = activation(self.act)
+        dot_general = dense_dot_general(self.matmul_dtype)
         for width in self.hidden:
-            x = nn.Dense(width, use_bias=not self.batch_norm,
+            x = nn.Dense(width, use_bias=not self.batch_norm, dot_general=dot_general,
                          kernel_init=getattr(nn.initializers, self.kernel_init)())(x)
             if self.batch_norm:
                 x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum)(x)

@@ -1,0 +1,79 @@
+"""Mixed-precision matrix products for Dense layers: bfloat16 operands, float32 accumulation.
+
+Parameters, optimizer state and everything outside the products stay float32; only the three
+matrix products of a Dense layer (forward ``x W``, input gradient ``g Wᵀ``, weight gradient
+``xᵀ g``) read bfloat16 copies of their operands and accumulate in float32 (a custom VJP, so the
+backward products are bfloat16 too, as PyTorch's autocast does).
+
+Why the weight gradient reads a row-major ``xᵀ`` (``with_layout_constraint``): XLA folds a
+transpose into the dot's dimension numbers, and XLA:CPU's YNNPACK dots then take a slow path on
+the batch-contracting product (``experiments/step_anatomy.py``). The bfloat16 products are fast
+where the hardware has them: GPUs, TPUs, and CPUs with AMX when XLA's YNNPACK dots are on
+(``DPN_JAX_XLA_DEFAULTS=0``; dpn_jax/xla_flags.py turns them off for float32 by default).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.layout import Layout, with_layout_constraint
+
+from dpn_jax.errors import ConfigError
+
+MATMUL_DTYPES = ("float32", "bfloat16")
+
+
+def check_matmul_dtype(value: str, owner: str) -> str:
+    if value not in MATMUL_DTYPES:
+        raise ConfigError(f"{owner}: matmul_dtype={value!r}; expected one of {list(MATMUL_DTYPES)}")
+    return value
+
+
+def row_major_transpose(x: jax.Array) -> jax.Array:
+    """``xᵀ`` of a 2-D array, stored row-major (not folded into the consuming dot)."""
+    return with_layout_constraint(jnp.asarray(x).T, Layout(major_to_minor=(0, 1)))
+
+
+@jax.custom_vjp
+def bf16_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``x [n,m] @ w [m,k]`` with bfloat16 operands and a float32 result; the backward products
+    likewise (gradients returned in the inputs' dtypes)."""
+    return jnp.dot(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16),
+                   preferred_element_type=jnp.float32)
+
+
+def _fwd(x, w):
+    xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    out = jnp.dot(xb, wb, preferred_element_type=jnp.float32)
+    # empty arrays carry the inputs' dtypes (residuals must be arrays)
+    return out, (xb, wb, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
+
+
+def _bwd(res, g):
+    xb, wb, x_like, w_like = res
+    gb = g.astype(jnp.bfloat16)
+    dx = jnp.dot(gb, wb.T, preferred_element_type=jnp.float32)
+    dw = jnp.dot(row_major_transpose(xb), gb, preferred_element_type=jnp.float32)
+    return dx.astype(x_like.dtype), dw.astype(w_like.dtype)
+
+
+bf16_matmul.defvjp(_fwd, _bwd)
+
+
+def _dense_bf16_dot_general(lhs, rhs, dimension_numbers, precision=None,
+                            preferred_element_type=None):
+    """flax ``Dense``'s ``dot_general`` (``x [..., m]`` contracted with ``kernel [m, k]``)."""
+    (lc, rc), (lb, rb) = dimension_numbers
+    if tuple(lc) != (lhs.ndim - 1,) or tuple(rc) != (0,) or lb or rb or rhs.ndim != 2:
+        raise ValueError(f"bfloat16 matmul: expected a Dense product x[..., m] @ kernel[m, k], "
+                         f"got dimension numbers {dimension_numbers} for {lhs.shape} @ {rhs.shape}")
+    out = bf16_matmul(lhs.reshape(-1, lhs.shape[-1]), rhs)
+    return out.reshape(*lhs.shape[:-1], rhs.shape[-1])
+
+
+def dense_dot_general(matmul_dtype: str) -> Callable | None:
+    """The ``dot_general`` to give a flax ``Dense`` for ``matmul_dtype`` (None: flax's own)."""
+    check_matmul_dtype(matmul_dtype, "Dense")
+    return _dense_bf16_dot_general if matmul_dtype == "bfloat16" else None
