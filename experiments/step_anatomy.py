@@ -36,9 +36,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.experimental.layout import Layout, with_layout_constraint
 
 from dpn_jax.benchmark.harness import cpu_model
+from dpn_jax.nn.precision import bf16_matmul, row_major_transpose
 from dpn_jax.runner import versions
 
 B, D_IN, H, VOCAB, FIELDS, DIM = 4096, 390, 400, 1_000_000, 39, 10
@@ -56,46 +56,25 @@ def timed(fn: Callable[[], object], steps: int) -> float:
 
 
 @jax.custom_vjp
-def bf16_matmul(x, w):
-    """``x @ w`` with bf16 operands and fp32 accumulation; the backward matmuls alike."""
+def bf16_matmul_folded(x, w):
+    """:func:`dpn_jax.nn.precision.bf16_matmul` with XLA's own (folded) transpose in the weight
+    gradient: the variant the library's row-major ``xᵀ`` is measured against."""
     return jnp.dot(x.astype(BF16), w.astype(BF16), preferred_element_type=jnp.float32)
 
 
-def _bf16_fwd(x, w):
+def _folded_fwd(x, w):
     xb, wb = x.astype(BF16), w.astype(BF16)
     return jnp.dot(xb, wb, preferred_element_type=jnp.float32), (xb, wb)
 
 
-def _bf16_bwd(res, g):
+def _folded_bwd(res, g):
     xb, wb = res
     gb = g.astype(BF16)
     return (jnp.dot(gb, wb.T, preferred_element_type=jnp.float32),
             jnp.dot(xb.T, gb, preferred_element_type=jnp.float32))
 
 
-bf16_matmul.defvjp(_bf16_fwd, _bf16_bwd)
-
-
-def row_major_transpose(x):
-    """``xᵀ`` stored row-major: XLA otherwise folds the transpose into the dot's dimension numbers,
-    and XLA:CPU's YNNPACK dots take a slow path on the batch-contracting weight gradient."""
-    return with_layout_constraint(x.T, Layout(major_to_minor=(0, 1)))
-
-
-@jax.custom_vjp
-def bf16_matmul_rm(x, w):
-    """:func:`bf16_matmul` whose weight gradient reads a row-major ``xᵀ``."""
-    return bf16_matmul(x, w)
-
-
-def _bf16_rm_bwd(res, g):
-    xb, wb = res
-    gb = g.astype(BF16)
-    return (jnp.dot(gb, wb.T, preferred_element_type=jnp.float32),
-            jnp.dot(row_major_transpose(xb), gb, preferred_element_type=jnp.float32))
-
-
-bf16_matmul_rm.defvjp(_bf16_fwd, _bf16_rm_bwd)
+bf16_matmul_folded.defvjp(_folded_fwd, _folded_bwd)
 
 
 def jax_mlp_loss(ws, x, y, matmul, batch_norm: bool):
@@ -136,8 +115,8 @@ def jax_parts() -> dict[str, tuple[Callable[[], object], float]]:
     y = jnp.asarray(rng.random(B) < 0.3, jnp.float32)
     mlp_flops = 3 * 2.0 * B * sum(a * b for a, b in zip(dims[:-1], dims[1:]))  # fwd + 2 bwd
     for bn in (True, False):
-        for name, matmul in (("fp32", jnp.matmul), ("bf16", bf16_matmul),
-                             ("bf16, xᵀ row-major", bf16_matmul_rm)):
+        for name, matmul in (("fp32", jnp.matmul), ("bf16", bf16_matmul_folded),
+                             ("bf16, xᵀ row-major", bf16_matmul)):
             f = jax.jit(jax.grad(functools.partial(jax_mlp_loss, matmul=matmul, batch_norm=bn)))
             key = f"MLP fwd+bwd {'BN' if bn else 'no BN'} {name}"
             parts[key] = (lambda f=f: jax.block_until_ready(f(ws, xin, y)), mlp_flops)
