@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-epochs", type=int, default=100)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    options = {k: int(v) for k, v in (kv.split("=", 1) for kv in args.data_options)}
+    options = table45.seeds.number_options(p, "--data-option", args.data_options)
     data = load_dataset(args.data, data_dir=args.data_dir, **options)
     test = data.test
     labels = np.asarray(test["label"])

@@ -40,20 +40,24 @@ def mean_std(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs):.4f}"
 
 
+def _number(text: str) -> int | float | None:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return None
+
+
 def number_options(p: argparse.ArgumentParser, flag: str, pairs: list[str]) -> dict:
     """``["rows=60000", "noise=0.5"]`` -> ``{"rows": 60000, "noise": 0.5}`` (ints stay ints)."""
     out = {}
     for kv in pairs:
         key, sep, value = kv.partition("=")
-        try:
-            out[key] = int(value) if sep else None
-        except ValueError:
-            try:
-                out[key] = float(value)
-            except ValueError:
-                out[key] = None
-        if not key or out[key] is None:
+        number = _number(value) if sep else None
+        if not key or number is None:
             p.error(f"{flag} expects KEY=NUMBER, got {kv!r}")
+        out[key] = number
     return out
 
 
