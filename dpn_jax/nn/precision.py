@@ -25,12 +25,6 @@ from dpn_jax.errors import ConfigError
 MATMUL_DTYPES = ("float32", "bfloat16")
 
 
-def check_matmul_dtype(value: str, owner: str) -> str:
-    if value not in MATMUL_DTYPES:
-        raise ConfigError(f"{owner}: matmul_dtype={value!r}; expected one of {list(MATMUL_DTYPES)}")
-    return value
-
-
 def row_major_transpose(x: jax.Array) -> jax.Array:
     """``xᵀ`` of a 2-D array, stored row-major (not folded into the consuming dot)."""
     return with_layout_constraint(jnp.asarray(x).T, Layout(major_to_minor=(0, 1)))
@@ -75,5 +69,6 @@ def _dense_bf16_dot_general(lhs, rhs, dimension_numbers, precision=None,
 
 def dense_dot_general(matmul_dtype: str) -> Callable | None:
     """The ``dot_general`` to give a flax ``Dense`` for ``matmul_dtype`` (None: flax's own)."""
-    check_matmul_dtype(matmul_dtype, "Dense")
+    if matmul_dtype not in MATMUL_DTYPES:
+        raise ConfigError(f"matmul_dtype={matmul_dtype!r}; expected one of {list(MATMUL_DTYPES)}")
     return _dense_bf16_dot_general if matmul_dtype == "bfloat16" else None
