@@ -119,6 +119,9 @@ def _add_serving_parsers(sub) -> None:
     b.add_argument("--peer", default=None, choices=["fuxictr"], help="time FuxiCTR's PyTorch layers too")
     b.add_argument("--replicas", type=int, default=0, help="also time this many vmapped replicas")
     b.add_argument("--scan", type=int, default=1, help="also time this many train steps per dispatch (lax.scan)")
+    b.add_argument("--matmul-dtypes", default="float32",
+                   help="also time the models that have the option with these Dense products: "
+                        "float32, bfloat16, bfloat16_mkl (comma separated)")
     b.add_argument("--out", default=None, help="write OUT.md and OUT.json")
     b.add_argument("--bundle", default=None, help="--latency: this bundle's model instead of --models")
     b.add_argument("--batches", default=None, help="request sizes (default 1,64,4096; 1,16,256 with --latency)")
@@ -171,7 +174,8 @@ def _cmd_bench(args) -> int:
                        workloads=_csv(args.workloads, "") or None, optimizers=_csv(args.optimizers, "adam"),
                        batch_size=args.batch_size, steps=args.steps, peer=args.peer,
                        grad_clip=args.grad_clip, latency_batches=batches, requests=args.requests or 50,
-                       replicas=args.replicas, scan=args.scan, log=log)
+                       replicas=args.replicas, scan=args.scan,
+                       matmul_dtypes=_csv(args.matmul_dtypes, "float32"), log=log)
     command = "dpn-jax " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "python " + " ".join(sys.argv)
     text = format_markdown(result, command)
     print(text)

@@ -50,6 +50,17 @@ def test_tiny_harness_run_reports_every_row(tmp_path, capsys):
         result["rows"][0]["samples_per_s"] / result["rows"][2]["samples_per_s"])
 
 
+def test_matmul_dtypes_add_rows_for_models_with_the_option():
+    result = run_bench(["dnn", "lr"], workloads=["frappe"], optimizers=("adam",), batch_size=64,
+                       steps=2, latency_batches=(1,), requests=2, matmul_dtypes=("float32", "bfloat16"),
+                       log=lambda s: None)
+    got = [(r["model"], r["impl"]) for r in result["rows"]]
+    # lr has no Dense tower: float32 only
+    assert got == [("dnn", "dpn-jax adam"), ("dnn", "dpn-jax adam bfloat16"), ("lr", "dpn-jax adam")]
+    with pytest.raises(ConfigError, match="matmul_dtype='float16'"):
+        run_bench(["dnn"], matmul_dtypes=("float16",), log=lambda s: None)
+
+
 def test_behaviour_models_get_the_behaviour_workload():
     from dpn_jax.benchmark.harness import workloads_for
 

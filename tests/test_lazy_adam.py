@@ -184,12 +184,15 @@ def test_fit_trains_with_lazy_adam(tiny_synthetic):
     assert result.test["auc"] > 0.6
 
 
-def test_unique_ids_equals_jnp_unique():
+def test_unique_ids_keeps_each_id_once_at_its_first_occurrence():
     from dpn_jax.train.lazy_adam import unique_ids
 
-    ids = jnp.asarray(np.random.default_rng(0).integers(0, 50, 300), jnp.int32)
-    uniq, inv = jax.jit(unique_ids, static_argnums=1)(ids, 99)
-    ref_u, ref_inv = jnp.unique(ids, return_inverse=True, size=ids.size, fill_value=99)
-    np.testing.assert_array_equal(uniq, ref_u)
-    np.testing.assert_array_equal(inv, ref_inv.reshape(-1))
-    np.testing.assert_array_equal(np.asarray(uniq)[np.asarray(inv)], ids)
+    ids = np.random.default_rng(0).integers(0, 50, 300).astype(np.int32)
+    uniq, inv = map(np.asarray, jax.jit(unique_ids, static_argnums=1)(jnp.asarray(ids), 99))
+    first = {v: i for i, v in reversed(list(enumerate(ids)))}
+    expected = np.full(ids.size, 99)
+    expected[list(first.values())] = list(first.keys())
+    np.testing.assert_array_equal(uniq, expected)
+    np.testing.assert_array_equal(inv, [first[v] for v in ids])
+    np.testing.assert_array_equal(uniq[inv], ids)
+    np.testing.assert_array_equal(np.sort(uniq[uniq != 99]), np.unique(ids))

@@ -54,11 +54,12 @@ def test_dense_dot_general_in_flax_dense():
         dense_dot_general("bfloat16")(x, k, (((0,), (0,)), ((), ())))
 
 
-def test_dnn_with_bf16_products_matches_float32_closely(tiny_synthetic):
+@pytest.mark.parametrize("name", ["dnn", "dcnv2"])
+def test_model_with_bf16_products_matches_float32_closely(tiny_synthetic, name):
     schema = tiny_synthetic.schema
     batch = {k: jnp.asarray(v[:64]) for k, v in tiny_synthetic.train.items()}
-    f32 = build_model("dnn", schema, embedding_dim=4, hidden=(16, 8))
-    bf16 = build_model("dnn", schema, embedding_dim=4, hidden=(16, 8), matmul_dtype="bfloat16")
+    f32 = build_model(name, schema, embedding_dim=4, hidden=(16, 8))
+    bf16 = build_model(name, schema, embedding_dim=4, hidden=(16, 8), matmul_dtype="bfloat16")
     v = f32.init(jax.random.PRNGKey(0), batch)
     # larger embeddings than the 1e-4 init, so the products are not ~0
     v = {**v, "params": {**v["params"], "embedding": jax.tree.map(
@@ -77,3 +78,15 @@ def test_dnn_with_bf16_products_matches_float32_closely(tiny_synthetic):
     chex.assert_tree_all_finite(g16)
     for x, y in zip(jax.tree.leaves(g16), jax.tree.leaves(g32)):
         np.testing.assert_allclose(x, y, rtol=0.1, atol=0.1 * float(np.abs(y).max()) + 1e-12)
+
+
+def test_dcnv2_cross_layer_products_in_bf16():
+    from dpn_jax.nn.cross_layers import CrossLayerV2
+
+    rng = np.random.default_rng(3)
+    x0, xl = rng.normal(size=(2, 9, 6)).astype(np.float32)
+    layer = CrossLayerV2(matmul_dtype="bfloat16")
+    v = layer.init(jax.random.PRNGKey(0), x0, xl)
+    k, b = np.asarray(v["params"]["dense"]["kernel"]), np.asarray(v["params"]["dense"]["bias"])
+    np.testing.assert_allclose(layer.apply(v, x0, xl), x0 * (_bf16(xl) @ _bf16(k) + b) + xl,
+                               rtol=1e-5, atol=1e-5)

@@ -7,6 +7,7 @@ Tabular models run on the ``criteo`` and ``frappe`` workloads, behaviour models 
 
 from __future__ import annotations
 
+import itertools
 import os
 import platform
 import sys
@@ -18,7 +19,8 @@ import jax
 from dpn_jax.benchmark import measure
 from dpn_jax.benchmark.workloads import WORKLOADS, get_workload
 from dpn_jax.errors import ConfigError
-from dpn_jax.models import available_models
+from dpn_jax.models import available_models, model_options
+from dpn_jax.nn.precision import dense_dot_general
 from dpn_jax.serving.latency import is_behaviour_model
 from dpn_jax.train.config import TrainConfig
 from dpn_jax.train.state import OPTIMIZERS
@@ -61,10 +63,12 @@ def run_bench(models: Sequence[str] = DEFAULT_MODELS, *, workloads: Sequence[str
               optimizers: Sequence[str] = ("adam", "lazy_adam"), batch_size: int = 4096,
               steps: int = 20, peer: str | None = None, grad_clip: float = 0.0,
               latency_batches: Sequence[int] = LATENCY_BATCHES, requests: int = 50,
-              replicas: int = 0, scan: int = 1, log: Callable[[str], None] | None = None) -> dict:
+              replicas: int = 0, scan: int = 1, matmul_dtypes: Sequence[str] = ("float32",),
+              log: Callable[[str], None] | None = None) -> dict:
     """Rows of measurements (see dpn_jax.benchmark.measure); ``replicas > 1`` adds a row per
     model and workload for that many vmapped replicas of the first optimiser's step; ``scan > 1``
-    adds a row running that many steps per dispatch (``measure.scan_steps``)."""
+    adds a row running that many steps per dispatch (``measure.scan_steps``). Each optimiser is
+    timed with each of ``matmul_dtypes`` on the models that have the option (others: float32)."""
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     unknown = [m for m in models if m not in available_models()]
     if unknown:
@@ -74,6 +78,8 @@ def run_bench(models: Sequence[str] = DEFAULT_MODELS, *, workloads: Sequence[str
         raise ConfigError(f"--optimizers: {bad} not known; choose from {list(OPTIMIZERS)}")
     for w in workloads or ():
         get_workload(w)
+    for d in matmul_dtypes:
+        dense_dot_general(d)  # an unknown dtype, or MKL missing for bfloat16_mkl, fails here
     if peer not in (None, "fuxictr"):
         raise ConfigError(f"--peer {peer!r}: the only peer is fuxictr")
     if peer:
@@ -91,12 +97,15 @@ def run_bench(models: Sequence[str] = DEFAULT_MODELS, *, workloads: Sequence[str
                 pipeline[wname] = measure.measure_pipeline(w, batch_size)
                 log(f"pipeline {wname}: {pipeline[wname]:,.0f} samples/s")
             latency = measure.measure_latency(model, w, latency_batches, requests=requests)
-            for opt in optimizers:
+            dtypes = [d for d in matmul_dtypes if d == "float32" or "matmul_dtype" in model_options(model)]
+            for dtype, opt in itertools.product(dtypes, optimizers):
                 cfg = TrainConfig(batch_size=batch_size, optimizer=opt, grad_clip=grad_clip)
-                m = measure.measure_train(model, w, cfg, steps=steps)
-                rows.append({"model": model, "workload": wname, "impl": f"dpn-jax {opt}",
+                kw = {} if dtype == "float32" else {"matmul_dtype": dtype}
+                m = measure.measure_train(model, w, cfg, steps=steps, model_kw=kw)
+                impl = f"dpn-jax {opt}" + (f" {dtype}" if kw else "")
+                rows.append({"model": model, "workload": wname, "impl": impl,
                              **vars(m), "latency_ms": latency})
-                log(f"{model:10s} {wname:9s} {opt:9s} {m.samples_per_s:10,.0f} samples/s  "
+                log(f"{model:10s} {wname:9s} {impl[8:]:22s} {m.samples_per_s:10,.0f} samples/s  "
                     f"step {m.step_ms:.1f} ms  compile {m.compile_s:.1f} s")
             if scan > 1:
                 cfg = TrainConfig(batch_size=batch_size, optimizer=optimizers[0], grad_clip=grad_clip)

@@ -88,7 +88,8 @@ class DCNv2(nn.Module):
     ``structure="parallel"`` and ``low_rank=0`` (full rank) as in FuxiCTR's DCNv2 config and
     BARS DCNv2_frappe_x1; ``num_layers=3`` (FuxiCTR default; BARS's frappe run tuned 4);
     ``low_rank=32, num_experts=4`` when the mixture is on (FuxiCTR); embedding 10 and DNN
-    400-400-400 with BatchNorm (AFN/BARS protocol, BARS DCNv2_frappe_x1); dropout off."""
+    400-400-400 with BatchNorm (AFN/BARS protocol, BARS DCNv2_frappe_x1); dropout off.
+    ``matmul_dtype``: the DNN's and the full-rank cross layers' products (as ``dnn``'s)."""
 
     schema: Schema
     embedding_dim: int = 10
@@ -101,6 +102,7 @@ class DCNv2(nn.Module):
     dropout: float = 0.0
     act: str = "relu"
     bn_momentum: float = 0.9
+    matmul_dtype: str = "float32"
 
     @nn.compact
     def __call__(self, batch, train: bool = False) -> jnp.ndarray:
@@ -108,12 +110,13 @@ class DCNv2(nn.Module):
             raise ConfigError(f"dcnv2: structure={self.structure!r} is not known; choose one of {list(STRUCTURES)}")
         e = FieldEmbedding(self.schema, dim=self.embedding_dim, name="embedding")(batch)
         x0 = _flat(e)
-        cross = CrossNetV2(self.num_layers, self.low_rank, self.num_experts, name="cross")(x0)
+        cross = CrossNetV2(self.num_layers, self.low_rank, self.num_experts, self.matmul_dtype,
+                           name="cross")(x0)
         if not self.hidden:
             h = cross
         else:
             mlp = MLP(tuple(self.hidden), self.batch_norm, self.dropout, self.act, self.bn_momentum,
-                      name="mlp")
+                      matmul_dtype=self.matmul_dtype, name="mlp")
             if self.structure == "stacked":
                 h = mlp(cross, train)
             else:

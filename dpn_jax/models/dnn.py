@@ -20,7 +20,9 @@ class DNN(nn.Module):
     Defaults follow the AFN paper (AAAI 2020, Sec. 4.1) and BARS: embedding 10, three hidden
     layers of 400 with BatchNorm and ReLU; dropout off (turn it on with ``--set dropout=0.2``).
     ``matmul_dtype=bfloat16``: the tower's products in bfloat16 with float32 accumulation
-    (:mod:`dpn_jax.nn.precision`; parameters and Adam stay float32)."""
+    (:mod:`dpn_jax.nn.precision`; parameters and Adam stay float32); ``bfloat16_mkl``: the same
+    products computed by MKL on the CPU, with AMX where the CPU has it
+    (:mod:`dpn_jax.nn.mkl_matmul`)."""
 
     schema: Schema
     embedding_dim: int = 10

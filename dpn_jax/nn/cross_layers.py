@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 
 from dpn_jax.errors import ConfigError
+from dpn_jax.nn.precision import dense_dot_general
 
 glorot_normal = nn.initializers.glorot_normal
 zeros = nn.initializers.zeros
@@ -65,11 +66,15 @@ class CrossLayer(nn.Module):
 
 
 class CrossLayerV2(nn.Module):
-    """One full-rank DCN-V2 cross layer (Eqn. 1): ``x0 ⊙ (W xl + b) + xl``."""
+    """One full-rank DCN-V2 cross layer (Eqn. 1): ``x0 ⊙ (W xl + b) + xl``; ``matmul_dtype``
+    as :class:`dpn_jax.nn.mlp.MLP`'s (nn/precision.py)."""
+
+    matmul_dtype: str = "float32"
 
     @nn.compact
     def __call__(self, x0: jnp.ndarray, xl: jnp.ndarray) -> jnp.ndarray:
-        lin = nn.Dense(x0.shape[-1], kernel_init=glorot_normal(), name="dense")(xl)
+        lin = nn.Dense(x0.shape[-1], kernel_init=glorot_normal(),
+                       dot_general=dense_dot_general(self.matmul_dtype), name="dense")(xl)
         return x0 * lin + xl
 
 
@@ -116,11 +121,13 @@ class CrossNet(nn.Module):
 
 class CrossNetV2(nn.Module):
     """``num_layers`` DCN-V2 cross layers; ``low_rank > 0`` switches every layer to the mixture
-    of ``num_experts`` rank-``low_rank`` experts (``CrossLayerV2Mix``)."""
+    of ``num_experts`` rank-``low_rank`` experts (``CrossLayerV2Mix``, always float32 products;
+    ``matmul_dtype`` applies to the full-rank layers)."""
 
     num_layers: int = 3
     low_rank: int = 0
     num_experts: int = 4
+    matmul_dtype: str = "float32"
 
     @nn.compact
     def __call__(self, x0: jnp.ndarray) -> jnp.ndarray:
@@ -131,7 +138,7 @@ class CrossNetV2(nn.Module):
             if self.low_rank > 0:
                 x = CrossLayerV2Mix(self.low_rank, self.num_experts, name=f"layer_{i}")(x0, x)
             else:
-                x = CrossLayerV2(name=f"layer_{i}")(x0, x)
+                x = CrossLayerV2(self.matmul_dtype, name=f"layer_{i}")(x0, x)
         return x
 
 

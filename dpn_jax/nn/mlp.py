@@ -33,7 +33,8 @@ class MLP(nn.Module):
     bn_momentum: float = 0.9
     # Glorot-normal kernels, zero biases: FuxiCTR/BARS's init (BaseModel.init_weights).
     kernel_init: str = "glorot_normal"
-    # "bfloat16": the Dense products read bfloat16 operands, accumulate in float32 (nn/precision.py)
+    # "bfloat16": the Dense products read bfloat16 operands, accumulate in float32 (nn/precision.py);
+    # "bfloat16_mkl": the same products by MKL on the CPU (nn/mkl_matmul.py)
     matmul_dtype: str = "float32"
 
     @nn.compact

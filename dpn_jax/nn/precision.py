@@ -10,10 +10,13 @@ transpose into the dot's dimension numbers, and XLA:CPU's YNNPACK dots then take
 the batch-contracting product (``experiments/step_anatomy.py``). The bfloat16 products are fast
 where the hardware has them: GPUs, TPUs, and CPUs with AMX when XLA's YNNPACK dots are on
 (``DPN_JAX_XLA_DEFAULTS=0``; dpn_jax/xla_flags.py turns them off for float32 by default).
+XLA:CPU does not use AMX tiles; ``matmul_dtype="bfloat16_mkl"`` has MKL compute the same
+products on the CPU (:mod:`dpn_jax.nn.mkl_matmul`).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -22,7 +25,7 @@ from jax.experimental.layout import Layout, with_layout_constraint
 
 from dpn_jax.errors import ConfigError
 
-MATMUL_DTYPES = ("float32", "bfloat16")
+MATMUL_DTYPES = ("float32", "bfloat16", "bfloat16_mkl")
 
 
 def row_major_transpose(x: jax.Array) -> jax.Array:
@@ -57,18 +60,28 @@ bf16_matmul.defvjp(_fwd, _bwd)
 
 
 def _dense_bf16_dot_general(lhs, rhs, dimension_numbers, precision=None,
-                            preferred_element_type=None):
+                            preferred_element_type=None, matmul=bf16_matmul):
     """flax ``Dense``'s ``dot_general`` (``x [..., m]`` contracted with ``kernel [m, k]``)."""
     (lc, rc), (lb, rb) = dimension_numbers
     if tuple(lc) != (lhs.ndim - 1,) or tuple(rc) != (0,) or lb or rb or rhs.ndim != 2:
         raise ValueError(f"bfloat16 matmul: expected a Dense product x[..., m] @ kernel[m, k], "
                          f"got dimension numbers {dimension_numbers} for {lhs.shape} @ {rhs.shape}")
-    out = bf16_matmul(lhs.reshape(-1, lhs.shape[-1]), rhs)
+    out = matmul(lhs.reshape(-1, lhs.shape[-1]), rhs)
     return out.reshape(*lhs.shape[:-1], rhs.shape[-1])
 
 
 def dense_dot_general(matmul_dtype: str) -> Callable | None:
-    """The ``dot_general`` to give a flax ``Dense`` for ``matmul_dtype`` (None: flax's own)."""
+    """The ``dot_general`` to give a flax ``Dense`` for ``matmul_dtype`` (None: flax's own).
+
+    ``"bfloat16_mkl"``: the bfloat16 products computed by MKL (:mod:`dpn_jax.nn.mkl_matmul`),
+    checked here so a missing library or compiler fails before any tracing."""
     if matmul_dtype not in MATMUL_DTYPES:
         raise ConfigError(f"matmul_dtype={matmul_dtype!r}; expected one of {list(MATMUL_DTYPES)}")
+    if matmul_dtype == "bfloat16_mkl":
+        from dpn_jax.nn import mkl_matmul
+
+        reason = mkl_matmul.unavailable_reason()
+        if reason:
+            raise ConfigError(reason)
+        return functools.partial(_dense_bf16_dot_general, matmul=mkl_matmul.mkl_bf16_matmul)
     return _dense_bf16_dot_general if matmul_dtype == "bfloat16" else None

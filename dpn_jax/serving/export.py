@@ -41,6 +41,10 @@ def export_program(predictor: Predictor, platforms: Sequence[str] = DEFAULT_PLAT
     if bad or not platforms:
         raise ConfigError(f"unknown platform(s) {bad or platforms!r}; choose from {list(KNOWN_PLATFORMS)}")
     model, variables = predictor.model, predictor.variables
+    if getattr(model, "matmul_dtype", None) == "bfloat16_mkl":
+        # MKL's products are a local custom call that jax.export cannot serialise; XLA's own
+        # bfloat16 products compute the same numbers (up to float32 summation order).
+        model = model.clone(matmul_dtype="bfloat16")
     names = [n for n, _, _ in predictor.inputs]
 
     def probs(*arrays):

@@ -6,9 +6,9 @@ backward pass first scatters the row gradients into a dense zero table. Producti
 (TF's ``LazyAdamOptimizer``, PyTorch's ``SparseAdam``) instead touch only the rows seen:
 
 1. ``gather``: the ids of the batch (``cat`` and every ``seq/*``) are made unique
-   (``jnp.unique`` with a static size, padded with the out-of-range id ``V``); every table leaf
-   is replaced by its gathered rows ``[n, d]`` and the batch gets ``rows/<key>``: the position of
-   each id among the unique ones. The train step applies the model with ``schema.table_size = n``
+   (:func:`unique_ids`: each id keeps the slot of its first occurrence, the other slots hold the
+   out-of-range id ``V``); every table leaf is replaced by its gathered rows ``[n, d]`` and the
+   batch gets ``rows/<key>``: the slot of each id. The train step applies the model with ``schema.table_size = n``
    (Flax checks parameter shapes against the declared ones) and ``FieldEmbedding`` looks
    ``rows/<key>`` up in the gathered rows, so the forward pass is unchanged and the gradient
    w.r.t. the gathered rows is the dense gradient's non-zero rows.
@@ -50,14 +50,16 @@ def id_keys(batch: dict) -> list[str]:
 
 
 def unique_ids(ids: jnp.ndarray, fill: int) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """``jnp.unique(ids, return_inverse=True, size=ids.size, fill_value=fill)`` (``fill`` must
-    exceed every id), about 3x faster on the CPU: XLA's sort of one operand is fast, of two
-    (values and positions) several times slower, so the inverse comes from a binary search."""
-    s = jnp.sort(ids)
-    first = jnp.concatenate([jnp.ones((1,), bool), s[1:] != s[:-1]])
-    slot = jnp.cumsum(first.astype(jnp.int32)) - 1
-    uniq = jnp.full(ids.shape, fill, ids.dtype).at[slot].set(s)
-    return uniq, jnp.searchsorted(uniq, ids).astype(jnp.int32)
+    """``(slots, inv)`` with every id of ``ids`` once in ``slots`` and ``slots[inv] == ids``:
+    each id's slot is the position of its first occurrence, every other slot holds ``fill``
+    (which must exceed every id: the table's row count, so scatters drop it).
+
+    ``jnp.unique(..., size=ids.size)`` gives the same rows in sorted order, but sorting the
+    Criteo batch's 160k ids costs ~20 ms on this CPU; one scatter-min of positions into a
+    ``[fill]`` array and one gather cost ~1 ms (``experiments/results/bench_cpu.md``)."""
+    pos = jnp.arange(ids.size, dtype=jnp.int32)
+    first = jnp.full((fill,), ids.size, jnp.int32).at[ids].min(pos)[ids]
+    return jnp.where(first == pos, ids, fill).astype(ids.dtype), first
 
 
 class LazyAdamState(NamedTuple):
