@@ -478,6 +478,9 @@ def test_din_without_behaviours_is_a_tower():
     chex.assert_shape(jax.jit(model.apply)(v, batch), (2,))
     with pytest.raises(ConfigError, match="activation"):
         jax.eval_shape(build_model("din", schema, act="swish").init, jax.random.PRNGKey(0), batch)
+    for name in ("din", "din_dpo"):  # the error names the model option, not DINAttention's field
+        with pytest.raises(ConfigError, match=r"din/din_dpo: attention_norm='l1'.*softmax"):
+            jax.eval_shape(build_model(name, schema, attention_norm="l1").init, jax.random.PRNGKey(0), batch)
 
 
 def test_training_reduces_the_loss():

@@ -18,7 +18,7 @@ from dpn_jax.errors import ConfigError
 from dpn_jax.models.registry import register
 from dpn_jax.nn.dropout import Dropout16, dropout_active
 from dpn_jax.nn.embedding import FieldEmbedding, embedded_field_names
-from dpn_jax.nn.sequence_layers import Activation, DINAttention, check_activation
+from dpn_jax.nn.sequence_layers import DIN_WEIGHT_NORMS, Activation, DINAttention, check_activation
 
 GROUPINGS = ("joint", "pair")
 
@@ -146,6 +146,9 @@ class DIN(nn.Module):
     def __call__(self, batch, train: bool = False) -> jnp.ndarray:
         check_activation(self.act)
         check_activation(self.attention_act)
+        if self.attention_norm not in DIN_WEIGHT_NORMS:  # the option's name, not the layer's field
+            raise ConfigError(f"din/din_dpo: attention_norm={self.attention_norm!r}; "
+                              f"expected one of {list(DIN_WEIGHT_NORMS)}")
         embedding = FieldEmbedding(self.schema, dim=self.embedding_dim,
                                    init_std=self.embedding_init_std, name="embedding")
         e = embedding(batch)
