@@ -12,6 +12,8 @@ interleaved round by round (``--rounds``) so other load hits both alike:
 - the MLP 390-400-400-400-1 forward + backward with and without BatchNorm, fp32, and with bf16
   matmuls (JAX: bf16 operands with fp32 accumulation in a custom VJP, also with the weight
   gradient reading a row-major ``xᵀ`` (``with_layout_constraint``); PyTorch: CPU autocast);
+- the same bf16 products and MLP by MKL (``matmul_dtype=bfloat16_mkl``, rows ending in MKL,
+  beside PyTorch's bf16 times) when the ``mkl`` wheel and a C++ compiler are here;
 - the embedding part: gather of 4096 x 39 rows of the 1M x 10 table, forward + the dense
   gradient (zero fill + scatter-add), and one dense Adam update of the table.
 
@@ -38,11 +40,14 @@ import numpy as np
 import optax
 
 from dpn_jax.benchmark.harness import cpu_model
+from dpn_jax.nn import mkl_matmul
 from dpn_jax.nn.precision import bf16_matmul, row_major_transpose
 from dpn_jax.runner import versions
 
 B, D_IN, H, VOCAB, FIELDS, DIM = 4096, 390, 400, 1_000_000, 39, 10
 BF16 = jnp.bfloat16
+# rows of matmul_dtype=bfloat16_mkl's products when MKL and a compiler are here
+MKL = " MKL" if mkl_matmul.unavailable_reason() is None else ""
 
 
 def timed(fn: Callable[[], object], steps: int) -> float:
@@ -109,6 +114,12 @@ def jax_parts() -> dict[str, tuple[Callable[[], object], float]]:
         f = jax.jit(lambda a, b, dtype=dtype: jnp.dot(row_major_transpose(a.astype(dtype)),
                                                       b.astype(dtype), preferred_element_type=jnp.float32))
         parts[f"matmul xᵀ @ g {name}, xᵀ row-major"] = (lambda f=f: f(x, g).block_until_ready(), mm)
+    if MKL:
+        for label, (ta, tb), args in (("x @ W", (False, False), (x, w)), ("g @ Wᵀ", (False, True), (g, w)),
+                                      ("xᵀ @ g", (True, False), (x, g))):
+            f = jax.jit(functools.partial(mkl_matmul.mkl_dot, trans_a=ta, trans_b=tb))
+            args = tuple(a.astype(BF16) for a in args)
+            parts[f"matmul {label} bf16{MKL}"] = (lambda f=f, args=args: f(*args).block_until_ready(), mm)
     dims = [D_IN, H, H, H, 1]
     ws = [jnp.asarray(rng.normal(size=(a, b)) * 0.05, jnp.float32) for a, b in zip(dims[:-1], dims[1:])]
     xin = jnp.asarray(rng.normal(size=(B, D_IN)), jnp.float32)
@@ -116,7 +127,8 @@ def jax_parts() -> dict[str, tuple[Callable[[], object], float]]:
     mlp_flops = 3 * 2.0 * B * sum(a * b for a, b in zip(dims[:-1], dims[1:]))  # fwd + 2 bwd
     for bn in (True, False):
         for name, matmul in (("fp32", jnp.matmul), ("bf16", bf16_matmul_folded),
-                             ("bf16, xᵀ row-major", bf16_matmul)):
+                             ("bf16, xᵀ row-major", bf16_matmul),
+                             *([(f"bf16{MKL}", mkl_matmul.mkl_bf16_matmul)] if MKL else [])):
             f = jax.jit(jax.grad(functools.partial(jax_mlp_loss, matmul=matmul, batch_norm=bn)))
             key = f"MLP fwd+bwd {'BN' if bn else 'no BN'} {name}"
             parts[key] = (lambda f=f: jax.block_until_ready(f(ws, xin, y)), mlp_flops)
@@ -221,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---|---|---|---|"]
     for name, (_, flops) in impls["jax"].items():
         j = statistics.median(times[(name, "jax")])
-        t = statistics.median(times[(name, "torch")]) if (name, "torch") in times else float("nan")
+        peer = name.removesuffix(MKL) if MKL else name  # MKL's rows beside PyTorch's bf16 ones
+        t = statistics.median(times[(peer, "torch")]) if (peer, "torch") in times else float("nan")
 
         def rate(ms, flops=flops):
             return f"{flops / ms / 1e6:.0f}" if flops and ms == ms else ""
