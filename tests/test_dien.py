@@ -233,10 +233,46 @@ def test_dien_options_and_errors():
             assert seen and set(seen) == {(scale, norm)}
     for bad, match in ((dict(evolution="lstm"), r"evolution='lstm'.*augru.*agru.*aigru"),
                        (dict(gru_dim=-1), "gru_dim"), (dict(aux_loss_weight=-1.0), "aux_loss"),
-                       (dict(attention_norm="l1"), r"dien: attention_norm='l1'.*softmax.*sigmoid")):
+                       (dict(attention_norm="l1"), r"dien: attention_norm='l1'.*softmax.*sigmoid"),
+                       (dict(query_transform="tanh"), r"dien: query_transform='tanh'.*auto.*dense_prelu")):
         model = build_model("dien", seq_schema(), **SMALL, **bad)
         with pytest.raises(ConfigError, match=match):
             jax.eval_shape(model.init, jax.random.PRNGKey(0), batch)
+
+
+def test_query_transform_dense_prelu_is_dien_public_code():
+    """DIEN's din_fcn_attention: the attention reads PReLU(Dense(q)) (α from 0) even when the
+    query already has the interest size; "auto" keeps q as it is then."""
+    batch = jbatch(make_split(6, 1))
+    seen = []
+
+    def record(f, args, kwargs, ctx):
+        if isinstance(ctx.module, DINAttention) and ctx.method_name == "__call__":
+            seen.append(args[0])
+        return f(*args, **kwargs)
+
+    model = build_model("dien", seq_schema(), **SMALL, query_transform="dense_prelu")
+    v = random_variables(model.init, batch)
+    p = v["params"]
+    assert set(p["query_prelu_0"]) == {"alpha"} and p["query_0"]["kernel"].shape == (8, 8)
+    np.testing.assert_array_equal(model.init(jax.random.PRNGKey(0), batch)["params"]["query_prelu_0"]["alpha"], 0.0)
+    seen.clear()
+    with nn.intercept_methods(record):
+        model.apply(v, batch)
+    q_in = []
+
+    def record_query(f, args, kwargs, ctx):
+        if ctx.module.name == "query_0":
+            q_in.append(args[0])
+        return f(*args, **kwargs)
+
+    with nn.intercept_methods(record_query):
+        model.apply(v, batch)
+    z = np.asarray(q_in[0]) @ np.asarray(p["query_0"]["kernel"]) + np.asarray(p["query_0"]["bias"])
+    alpha = np.asarray(p["query_prelu_0"]["alpha"])
+    np.testing.assert_allclose(seen[0], np.where(z >= 0, z, alpha * z), rtol=1e-5, atol=1e-6)
+    auto = random_variables(build_model("dien", seq_schema(), **SMALL).init, batch)["params"]
+    assert "query_0" not in auto and "query_prelu_0" not in auto
 
 
 def short_histories(split):
@@ -252,7 +288,8 @@ MODEL_CASES = [
     ("dien", {}),
     # agru is padding invariant as a layer (above); here the other evolutions and options
     ("dien_dpo", dict(evolution="aigru", gru_dim=5, attention_act="dice", dpo_input="behaviour",
-                      act="relu", batch_norm=True, dropout=0.1, attention_norm="sigmoid")),
+                      act="relu", batch_norm=True, dropout=0.1, attention_norm="sigmoid",
+                      query_transform="dense_prelu")),
 ]
 
 

@@ -44,10 +44,17 @@ from dpn_jax.models.registry import register
 from dpn_jax.models.sequence_family import SequenceTower, attention_groups, with_interests
 from dpn_jax.nn.embedding import FieldEmbedding
 from dpn_jax.nn.recurrent_layers import EVOLUTIONS, GRU
-from dpn_jax.nn.sequence_layers import DIN_WEIGHT_NORMS, Activation, DINAttention, check_activation
+from dpn_jax.nn.sequence_layers import (
+    DIN_WEIGHT_NORMS,
+    Activation,
+    DINAttention,
+    PReLU,
+    check_activation,
+)
 
 Array = jax.Array
 AUX_LOSS_NAME = "dien_aux"
+QUERY_TRANSFORMS = ("auto", "dense_prelu")
 
 
 def negative_rows(key: jax.Array | None, batch_size: int) -> Array:
@@ -117,7 +124,10 @@ class DIEN(nn.Module):
     ``attention_norm`` softmax (DIEN) | sigmoid (each step's gate scale ``σ(s_t)`` on its own; the
     trained scores are uniform with either, ``experiments/dien_probe.py``) | none (raw scores);
     ``embedding_init_std`` 1e-4 (FuxiCTR's normal init; see ``experiments/dien_probe.py`` for what
-    it does to the softmax attention).  A schema without
+    it does to the softmax attention); ``query_transform`` auto (a Dense projection only when the
+    query and the interest states differ in size) | dense_prelu (DIEN's ``din_fcn_attention``:
+    always Dense to the interest size, then PReLU with α starting at 0 as its ``prelu``).
+    A schema without
     behaviour pairs reduces to the tower over the field embeddings."""
 
     schema: Schema
@@ -137,6 +147,7 @@ class DIEN(nn.Module):
     embedding_init_std: float = 1e-4
     attention_scale: bool = True
     attention_norm: str = "softmax"
+    query_transform: str = "auto"
 
     def attention_unit(self, name: str) -> DINAttention:
         return DINAttention(tuple(self.attention_hidden), self.attention_act, self.attention_norm,
@@ -156,6 +167,9 @@ class DIEN(nn.Module):
                               f"{list(DIN_WEIGHT_NORMS)}")
         if self.aux_loss_weight < 0:
             raise ConfigError(f"dien: aux_loss_weight={self.aux_loss_weight}; expected >= 0")
+        if self.query_transform not in QUERY_TRANSFORMS:
+            raise ConfigError(f"dien: query_transform={self.query_transform!r}; expected one of "
+                              f"{list(QUERY_TRANSFORMS)}")
 
     @nn.compact
     def __call__(self, batch, train: bool = False) -> jnp.ndarray:
@@ -188,7 +202,9 @@ class DIEN(nn.Module):
                 scorer = AuxiliaryNet(tuple(self.aux_hidden), name=f"aux_{g}")
                 aux.append(auxiliary_loss(states[:, :-1], keys[:, 1:], keys[neg_idx][:, 1:],
                                           valid, scorer))
-            if units != keys.shape[-1]:
+            if self.query_transform == "dense_prelu":
+                q = PReLU(0.0, name=f"query_prelu_{g}")(nn.Dense(units, name=f"query_{g}")(q))
+            elif units != keys.shape[-1]:
                 q = nn.Dense(units, name=f"query_{g}")(q)
             _, a = self.attention_unit(f"attention_{g}")(q, states, mask, train,
                                                          return_weights=True)
