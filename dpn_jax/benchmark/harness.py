@@ -122,13 +122,16 @@ def run_bench(models: Sequence[str] = DEFAULT_MODELS, *, workloads: Sequence[str
                 log(f"{model:10s} {wname:9s} x{replicas} vmapped {m.samples_per_s:10,.0f} samples/s  "
                     f"step {m.step_ms:.1f} ms")
             if peer and model in peer_fuxictr.PEER_MODELS:
-                version, m = peer_fuxictr.measure_peer_train(model, w, batch_size, grad_clip=grad_clip,
-                                                             steps=steps)
                 lat = peer_fuxictr.measure_peer_latency(model, w, latency_batches, requests=requests)
-                rows.append({"model": model, "workload": wname, "impl": f"fuxictr {version}",
-                             **vars(m), "latency_ms": lat})
-                log(f"{model:10s} {wname:9s} fuxictr   {m.samples_per_s:10,.0f} samples/s  "
-                    f"step {m.step_ms:.1f} ms")
+                # bf16 rows of ours get PyTorch's bf16 autocast beside them
+                for autocast in (False, True) if len(dtypes) > 1 else (False,):
+                    version, m = peer_fuxictr.measure_peer_train(
+                        model, w, batch_size, grad_clip=grad_clip, steps=steps, autocast=autocast)
+                    impl = f"fuxictr {version}" + (" bf16 autocast" if autocast else "")
+                    rows.append({"model": model, "workload": wname, "impl": impl,
+                                 **vars(m), "latency_ms": lat})
+                    log(f"{model:10s} {wname:9s} {impl:22s} {m.samples_per_s:10,.0f} samples/s  "
+                        f"step {m.step_ms:.1f} ms")
     return {"rows": rows, "pipeline": pipeline, "machine": machine(), "versions": _versions(),
             "peer_versions": _peer_versions() if peer else {}, "batch_size": batch_size,
             "steps": steps, "grad_clip": grad_clip, "seconds": time.perf_counter() - t_start,
@@ -142,12 +145,13 @@ def _peer_versions() -> dict[str, str]:
 
 
 def _ratio_columns(rows: list[dict]) -> None:
-    """vs peer: our samples/s over FuxiCTR's (same model and workload); cost vs dnn: seconds per
-    sample over ``dnn``'s with the same workload and implementation."""
+    """vs peer: samples/s over FuxiCTR's default (float32) row of the same model and workload
+    (its bf16 autocast row gets one too); cost vs dnn: seconds per sample over ``dnn``'s with the
+    same workload and implementation."""
     by = {(r["model"], r["workload"], r["impl"]): r for r in rows}
     for r in rows:
-        peer = next((v for (m, w, i), v in by.items()
-                     if m == r["model"] and w == r["workload"] and i.startswith("fuxictr")), None)
+        peer = next((v for (m, w, i), v in by.items() if m == r["model"] and w == r["workload"]
+                     and i.startswith("fuxictr") and "autocast" not in i), None)
         r["vs_peer"] = r["samples_per_s"] / peer["samples_per_s"] if peer and peer is not r else None
         base = by.get(("dnn", r["workload"], r["impl"]))
         r["cost_vs_dnn"] = base["samples_per_s"] / r["samples_per_s"] if base else None

@@ -126,7 +126,10 @@ def _to_torch(batch: dict, device: str) -> dict:
 
 
 def measure_peer_train(name: str, workload: Workload, batch_size: int, *, grad_clip: float = 0.0,
-                       steps: int = 20, warmup: int = 3, lr: float = 1e-3) -> tuple[str, TrainMeasure]:
+                       steps: int = 20, warmup: int = 3, lr: float = 1e-3,
+                       autocast: bool = False) -> tuple[str, TrainMeasure]:
+    """``autocast``: the forward pass under ``torch.autocast(bfloat16)`` (PyTorch's mixed
+    precision: bf16 products, the backward ones too), the peer of our bfloat16 matmul_dtype."""
     import torch
 
     device = torch_device()
@@ -140,7 +143,9 @@ def measure_peer_train(name: str, workload: Workload, batch_size: int, *, grad_c
 
     def run(batch):
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(batch), batch["label"])
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            logits = model(batch)
+        loss = loss_fn(logits.float(), batch["label"])
         loss.backward()
         if grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
