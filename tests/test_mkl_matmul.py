@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dpn_jax import native
 from dpn_jax.errors import ConfigError
 from dpn_jax.models import build_model
 from dpn_jax.nn import mkl_matmul
@@ -81,8 +82,8 @@ def test_missing_mkl_and_compiler_are_named(monkeypatch, tmp_path):
         mkl_matmul._load_mkl()
     monkeypatch.setenv("CXX", "no-such-compiler")
     monkeypatch.setenv("PATH", str(tmp_path))
-    with pytest.raises(ConfigError, match="no C\\+\\+ compiler.*matmul_dtype=bfloat16"):
-        mkl_matmul._compiler()
+    with pytest.raises(ConfigError, match="matmul_dtype=bfloat16_mkl: no C\\+\\+ compiler.*g\\+\\+"):
+        native.compiler(mkl_matmul.OPTION)
 
 
 def test_unknown_dtype_lists_the_mkl_choice():

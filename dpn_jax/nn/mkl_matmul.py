@@ -3,16 +3,15 @@
 XLA:CPU in jaxlib 0.10 does not use the AMX tiles of recent Xeons: its bfloat16 dots run at
 140-210 GFLOP/s on this 2-core Sapphire Rapids, slower than its float32 ones, while PyTorch's
 oneDNN reaches 830-1770 GFLOP/s on the same products (experiments/results/step_anatomy_cpu.md).
-MKL's ``cblas_gemm_bf16bf16f32`` uses the tiles too. This module compiles a small XLA FFI
-handler (``mkl_gemm.cc``, against jaxlib's FFI headers) on first use, hands it the MKL function
-resolved at run time, and registers it as a CPU custom call; :func:`mkl_bf16_matmul` is
+MKL's ``cblas_gemm_bf16bf16f32`` uses the tiles too. This module builds a small XLA FFI handler
+(``dpn_jax/native/mkl_gemm.cc``, :mod:`dpn_jax.native`) on first use, hands it the MKL function
+resolved at run time and registers it as a CPU custom call; :func:`mkl_bf16_matmul` is
 :func:`dpn_jax.nn.precision.bf16_matmul` with its three products done there. Same numbers up to
 float32 summation order (tested).
 
 Needs: the ``mkl`` wheel (``pip install -e ".[mkl]"``; it is in ``[dev]``), a C++17 compiler
-(``$CXX``, else ``g++`` or ``c++``) and the CPU backend. The built library is cached under
-``$DPN_CACHE_DIR`` (default ``~/.cache/dpn_jax``) in ``ffi/``, keyed by the source and jaxlib
-version. ``DPN_JAX_MKL`` may name the ``libmkl_rt`` file to use.
+and the CPU backend. ``DPN_JAX_MKL`` may name the ``libmkl_rt`` file to use; ``KMP_BLOCKTIME``
+defaults to 0 (see :func:`_load_mkl`).
 """
 
 from __future__ import annotations
@@ -20,28 +19,18 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
-import hashlib
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
-from importlib import metadata
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
+from dpn_jax import native
 from dpn_jax.errors import ConfigError
 
-SOURCE = Path(__file__).with_name("mkl_gemm.cc")
 TARGET = "dpn_jax_bf16_gemm"
 OPTION = "matmul_dtype=bfloat16_mkl"
-
-
-def _cache_dir() -> Path:
-    base = os.environ.get("DPN_CACHE_DIR") or Path.home() / ".cache" / "dpn_jax"
-    return Path(base) / "ffi"
 
 
 def _mkl_candidates() -> list[str]:
@@ -54,6 +43,10 @@ def _mkl_candidates() -> list[str]:
 
 
 def _load_mkl() -> ctypes.CDLL:
+    # MKL's OpenMP threads spin 200 ms after each product by default, taking the cores from
+    # XLA's own threads between the products: 10-20% of a DNN train step on 2 cores (measured:
+    # 77.9 vs 81-99 ms). Read when the OpenMP runtime starts, so set before loading MKL.
+    os.environ.setdefault("KMP_BLOCKTIME", "0")
     tried = _mkl_candidates()
     for path in tried:
         try:
@@ -66,47 +59,19 @@ def _load_mkl() -> ctypes.CDLL:
                       "install it with pip install -e \".[mkl]\" or set DPN_JAX_MKL to libmkl_rt's path")
 
 
-def _compiler() -> str:
-    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
-        if name and shutil.which(name):
-            return name
-    raise ConfigError(f"{OPTION}: no C++ compiler found ($CXX, g++, c++, clang++) to build "
-                      f"{SOURCE.name}; install one (e.g. apt install g++) or use matmul_dtype=bfloat16")
-
-
-def _build() -> Path:
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + metadata.version("jaxlib").encode()).hexdigest()[:16]
-    out = _cache_dir() / f"libdpn_jax_mkl_gemm-{key}.so"
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # build beside the target and rename: concurrent processes (pytest -n) never see half a file
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-    os.close(fd)
-    cmd = [_compiler(), "-O2", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}",
-           str(SOURCE), "-o", tmp]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        os.unlink(tmp)
-        raise ConfigError(f"{OPTION}: compiling {SOURCE} failed ({' '.join(cmd)}):\n{proc.stderr[-2000:]}")
-    os.replace(tmp, out)
-    return out
-
-
 @functools.cache
 def load() -> None:
     """Build (once per source and jaxlib version), load and register the handler."""
     mkl = _load_mkl()
-    lib = ctypes.CDLL(str(_build()))
+    lib = native.load("mkl_gemm.cc", (("DpnJaxBf16Gemm", TARGET),), OPTION)
     lib.dpn_jax_set_gemm(ctypes.cast(mkl.cblas_gemm_bf16bf16f32, ctypes.c_void_p))
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.DpnJaxBf16Gemm), platform="cpu")
 
 
 def unavailable_reason() -> str | None:
     """None when the MKL products can run here, else why not."""
-    if jax.default_backend() != "cpu":
-        return f"{OPTION} runs on the CPU backend only (this one is {jax.default_backend()})"
+    reason = native.cpu_only(OPTION)
+    if reason:
+        return reason
     try:
         load()
     except ConfigError as err:

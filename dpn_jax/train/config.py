@@ -20,6 +20,9 @@ class TrainConfig:
     # "adam" (dense, every parameter every step) or "lazy_adam" (embedding rows of the batch
     # only, as production CTR systems do; dpn_jax.train.lazy_adam).
     optimizer: str = "adam"
+    # lazy_adam's row update: "xla" (gathers and scatters in the graph) or "native" (one C++ pass
+    # over the rows, in place; CPU only, needs a C++ compiler: dpn_jax/native/sparse_adam.cc).
+    lazy_adam_kernel: str = "xla"
     batch_size: int = 4096
     eval_batch_size: int = 16384
     max_epochs: int = 100

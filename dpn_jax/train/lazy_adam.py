@@ -27,17 +27,23 @@ norm as dense Adam (the skipped rows' gradients are zero).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import traverse_util
 
+from dpn_jax import native
 from dpn_jax.errors import ConfigError
 from dpn_jax.nn.embedding import ROWS_PREFIX
 
 TABLE = "table"  # FieldEmbedding's table parameter
+KERNELS = ("xla", "native")
+NATIVE_OPTION = "lazy_adam_kernel=native"
+NATIVE_TARGET = "dpn_jax_sparse_adam"
 
 
 def _is_table(path: tuple) -> bool:
@@ -76,12 +82,19 @@ class LazyAdam:
     ``gather``/``apply`` around the gradient."""
 
     def __init__(self, lr: float, grad_clip: float = 0.0, b1: float = 0.9, b2: float = 0.999,
-                 eps: float = 1e-8, clip_as_data: bool = False):
+                 eps: float = 1e-8, clip_as_data: bool = False, kernel: str = "xla"):
         """``clip_as_data`` (vmapped sweeps): always clip, at the threshold held in the state, so
         replicas with and without clipping share one program (below it, the gradient is
-        returned unchanged)."""
+        returned unchanged). ``kernel="native"``: the rows' update by :func:`native_row_update`."""
+        if kernel not in KERNELS:
+            raise ConfigError(f"--set lazy_adam_kernel={kernel}: choose one of {', '.join(KERNELS)}")
+        if kernel == "native":
+            reason = native.cpu_only(NATIVE_OPTION)
+            if reason:
+                raise ConfigError(reason)
+            _load_native()
         self.b1, self.b2, self.eps, self.grad_clip = b1, b2, eps, grad_clip
-        self.clip_as_data = clip_as_data
+        self.clip_as_data, self.kernel = clip_as_data, kernel
         self.dense_tx = optax.inject_hyperparams(optax.adam)(learning_rate=lr, b1=b1, b2=b2, eps=eps)
 
     @staticmethod
@@ -136,6 +149,11 @@ class LazyAdam:
         bc1, bc2 = 1.0 - self.b1**t, 1.0 - self.b2**t
         mu, nu = dict(state.mu), dict(state.nu)
         for k, g in g_tables.items():
+            if self.kernel == "native":
+                tables[k], mu[k], nu[k] = native_row_update(
+                    tables[k], mu[k], nu[k], uniq, g, jnp.stack([lr, bc1, bc2]).astype(jnp.float32),
+                    self.b1, self.b2, self.eps)
+                continue
             m = self.b1 * jnp.take(mu[k], uniq, axis=0, mode="fill", fill_value=0) + (1 - self.b1) * g
             v = self.b2 * jnp.take(nu[k], uniq, axis=0, mode="fill", fill_value=0) + (1 - self.b2) * g * g
             step = -lr * (m / bc1) / (jnp.sqrt(v / bc2) + self.eps)
@@ -145,3 +163,21 @@ class LazyAdam:
             nu[k] = nu[k].at[uniq].set(v, mode="drop")
         new_params = traverse_util.unflatten_dict({**rest, **tables}, sep="/")
         return new_params, LazyAdamState(dense, state.count + 1, mu, nu, state.clip)
+
+
+@functools.cache
+def _load_native() -> None:
+    native.load("sparse_adam.cc", (("DpnJaxSparseAdam", NATIVE_TARGET),), NATIVE_OPTION)
+
+
+def native_row_update(table, mu, nu, slots, grads, scalars, b1: float, b2: float, eps: float):
+    """``(table, mu, nu)`` after lazy Adam on the rows ``slots`` (each row once; out-of-range =
+    padding) with row gradients ``grads [n, d]`` and ``scalars = [lr, bc1, bc2]``: the formulas of
+    :meth:`LazyAdam.apply` in one C++ pass, in place (dpn_jax/native/sparse_adam.cc)."""
+    if not all(a.dtype == jnp.float32 for a in (table, mu, nu, grads)):
+        raise ConfigError(f"{NATIVE_OPTION}: float32 tables only (got {table.dtype}); use lazy_adam_kernel=xla")
+    _load_native()
+    call = jax.ffi.ffi_call(NATIVE_TARGET, (jax.ShapeDtypeStruct(table.shape, table.dtype),) * 3,
+                            input_output_aliases={0: 0, 1: 1, 2: 2}, vmap_method="sequential")
+    return call(table, mu, nu, slots.astype(jnp.int32), grads, scalars,
+                b1=np.float32(b1), b2=np.float32(b2), eps=np.float32(eps))

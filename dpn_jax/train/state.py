@@ -41,7 +41,7 @@ def make_optimizer(cfg: TrainConfig, *, clip_as_data: bool = False) -> optax.Gra
     if cfg.optimizer not in OPTIMIZERS:
         raise ConfigError(f"--set optimizer={cfg.optimizer}: choose one of {', '.join(OPTIMIZERS)}")
     if cfg.optimizer == "lazy_adam":
-        return LazyAdam(cfg.lr, cfg.grad_clip, clip_as_data=clip_as_data)
+        return LazyAdam(cfg.lr, cfg.grad_clip, clip_as_data=clip_as_data, kernel=cfg.lazy_adam_kernel)
     adam = optax.inject_hyperparams(optax.adam)(learning_rate=cfg.lr)
     if clip_as_data:
         clip = optax.inject_hyperparams(optax.clip_by_global_norm)(
