@@ -112,7 +112,8 @@ def _add_serving_parsers(sub) -> None:
     b.add_argument("--models", default=None,
                    help="registry names (default: dnn,dpn,dpn_field,dcnv2,din,dien; dnn,dpn with --latency)")
     b.add_argument("--workloads", default=None, help="criteo, frappe, behaviour (default: each model's own)")
-    b.add_argument("--optimizers", default="adam,lazy_adam", help="adam and/or lazy_adam")
+    b.add_argument("--optimizers", default="adam,lazy_adam",
+                   help="adam, lazy_adam, lazy_adam_native (lazy_adam_kernel=native)")
     b.add_argument("--batch-size", type=int, default=4096, help="training batch")
     b.add_argument("--steps", type=int, default=20, help="timed train steps per row")
     b.add_argument("--grad-clip", type=float, default=0.0, help="global-norm clip in both libraries")

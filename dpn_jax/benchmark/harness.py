@@ -23,9 +23,11 @@ from dpn_jax.models import available_models, model_options
 from dpn_jax.nn.precision import dense_dot_general
 from dpn_jax.serving.latency import is_behaviour_model
 from dpn_jax.train.config import TrainConfig
-from dpn_jax.train.state import OPTIMIZERS
 
 DEFAULT_MODELS = ("dnn", "dpn", "dpn_field", "dcnv2", "din", "dien")
+# --optimizers names -> TrainConfig fields (lazy_adam_native: lazy_adam with the C++ row update)
+OPTIMIZERS = {"adam": {"optimizer": "adam"}, "lazy_adam": {"optimizer": "lazy_adam"},
+              "lazy_adam_native": {"optimizer": "lazy_adam", "lazy_adam_kernel": "native"}}
 LATENCY_BATCHES = (1, 64, 4096)
 
 
@@ -99,7 +101,7 @@ def run_bench(models: Sequence[str] = DEFAULT_MODELS, *, workloads: Sequence[str
             latency = measure.measure_latency(model, w, latency_batches, requests=requests)
             dtypes = [d for d in matmul_dtypes if d == "float32" or "matmul_dtype" in model_options(model)]
             for dtype, opt in itertools.product(dtypes, optimizers):
-                cfg = TrainConfig(batch_size=batch_size, optimizer=opt, grad_clip=grad_clip)
+                cfg = TrainConfig(batch_size=batch_size, grad_clip=grad_clip, **OPTIMIZERS[opt])
                 kw = {} if dtype == "float32" else {"matmul_dtype": dtype}
                 m = measure.measure_train(model, w, cfg, steps=steps, model_kw=kw)
                 impl = f"dpn-jax {opt}" + (f" {dtype}" if kw else "")
@@ -108,13 +110,13 @@ def run_bench(models: Sequence[str] = DEFAULT_MODELS, *, workloads: Sequence[str
                 log(f"{model:10s} {wname:9s} {impl[8:]:22s} {m.samples_per_s:10,.0f} samples/s  "
                     f"step {m.step_ms:.1f} ms  compile {m.compile_s:.1f} s")
             if scan > 1:
-                cfg = TrainConfig(batch_size=batch_size, optimizer=optimizers[0], grad_clip=grad_clip)
+                cfg = TrainConfig(batch_size=batch_size, grad_clip=grad_clip, **OPTIMIZERS[optimizers[0]])
                 m = measure.measure_train(model, w, cfg, steps=steps, scan=scan)
                 rows.append({"model": model, "workload": wname,
                              "impl": f"dpn-jax {optimizers[0]} scan {scan}", **vars(m), "latency_ms": latency})
                 log(f"{model:10s} {wname:9s} scan {scan} {m.samples_per_s:10,.0f} samples/s")
             if replicas > 1:
-                cfg = TrainConfig(batch_size=batch_size, optimizer=optimizers[0], grad_clip=grad_clip)
+                cfg = TrainConfig(batch_size=batch_size, grad_clip=grad_clip, **OPTIMIZERS[optimizers[0]])
                 m = measure.measure_replicas(model, w, cfg, replicas, steps=max(3, steps // 2))
                 rows.append({"model": model, "workload": wname,
                              "impl": f"dpn-jax {optimizers[0]} x{replicas} vmapped", **vars(m),

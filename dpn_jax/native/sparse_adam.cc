@@ -45,14 +45,15 @@ static ffi::Error SparseAdam(ffi::Buffer<ffi::F32> table_in, ffi::Buffer<ffi::F3
   // The rows are scattered over tables far larger than the caches; the loop waits on memory, so
   // each thread fetches a few rows ahead of use.
   auto update = [=](int64_t lo, int64_t hi) {
-    constexpr int64_t kAhead = 16;
+    constexpr int64_t kAhead = 32;
     for (int64_t j = lo; j < hi; ++j) {
       if (j + kAhead < hi) {
         const int64_t ra = s[j + kAhead];
-        if (ra >= 0 && ra < rows) {
-          __builtin_prefetch(t + ra * dim, 1);
-          __builtin_prefetch(m + ra * dim, 1);
-          __builtin_prefetch(v + ra * dim, 1);
+        if (ra >= 0 && ra < rows) {  // first and last element: a row may span two cache lines
+          for (float* base : {t, m, v}) {
+            __builtin_prefetch(base + ra * dim, 1);
+            __builtin_prefetch(base + ra * dim + dim - 1, 1);
+          }
         }
       }
       const int64_t r = s[j];
