@@ -123,6 +123,8 @@ def _add_serving_parsers(sub) -> None:
     b.add_argument("--matmul-dtypes", default="float32",
                    help="also time the models that have the option with these Dense products: "
                         "float32, bfloat16, bfloat16_mkl (comma separated)")
+    b.add_argument("--rounds", type=int, default=1,
+                   help="time the training rows this many times in turn; each keeps its median")
     b.add_argument("--out", default=None, help="write OUT.md and OUT.json")
     b.add_argument("--bundle", default=None, help="--latency: this bundle's model instead of --models")
     b.add_argument("--batches", default=None, help="request sizes (default 1,64,4096; 1,16,256 with --latency)")
@@ -176,7 +178,7 @@ def _cmd_bench(args) -> int:
                        batch_size=args.batch_size, steps=args.steps, peer=args.peer,
                        grad_clip=args.grad_clip, latency_batches=batches, requests=args.requests or 50,
                        replicas=args.replicas, scan=args.scan,
-                       matmul_dtypes=_csv(args.matmul_dtypes, "float32"), log=log)
+                       matmul_dtypes=_csv(args.matmul_dtypes, "float32"), rounds=args.rounds, log=log)
     command = "dpn-jax " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "python " + " ".join(sys.argv)
     text = format_markdown(result, command)
     print(text)

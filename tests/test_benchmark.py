@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -59,6 +60,21 @@ def test_matmul_dtypes_add_rows_for_models_with_the_option():
     assert got == [("dnn", "dpn-jax adam"), ("dnn", "dpn-jax adam bfloat16"), ("lr", "dpn-jax adam")]
     with pytest.raises(ConfigError, match="matmul_dtype='float16'"):
         run_bench(["dnn"], matmul_dtypes=("float16",), log=lambda s: None)
+
+
+def test_rounds_keep_each_rows_median_round():
+    logged = []
+    result = run_bench(["lr"], workloads=["frappe"], optimizers=("adam",), batch_size=64, steps=2,
+                       latency_batches=(1,), requests=2, rounds=3, log=logged.append)
+    assert len(result["rows"]) == 1 and result["rounds"] == 3
+    per_round = [float(re.search(r"([\d,]+) samples/s", line)[1].replace(",", "")) for line in logged
+                 if "(round" in line]
+    assert len(per_round) == 3
+    # the row's samples/s is one of the rounds' (rounded in the log): their median
+    assert result["rows"][0]["samples_per_s"] == pytest.approx(sorted(per_round)[1], rel=1e-3, abs=1)
+    assert "median of 3 rounds" in format_markdown(result, "dpn-jax bench --rounds 3")
+    with pytest.raises(ConfigError, match="--rounds 0"):
+        run_bench(["lr"], rounds=0, log=lambda s: None)
 
 
 def test_behaviour_models_get_the_behaviour_workload():

@@ -61,16 +61,45 @@ def workloads_for(model: str, asked: Sequence[str] | None) -> list[str]:
     return [w for w in native if asked is None or w in asked]
 
 
+def _train_round(model: str, w, dtypes: Sequence[str], optimizers: Sequence[str], *,
+                 batch_size: int, steps: int, grad_clip: float, peer: str | None,
+                 log: Callable[[str], None], label: str) -> list[tuple[str, measure.TrainMeasure]]:
+    """Every training implementation of (model, workload) timed once, in turn: ours for each
+    matmul dtype and optimiser, then the peer (with PyTorch's bf16 autocast beside our bf16)."""
+    out = []
+    for dtype, opt in itertools.product(dtypes, optimizers):
+        cfg = TrainConfig(batch_size=batch_size, grad_clip=grad_clip, **OPTIMIZERS[opt])
+        kw = {} if dtype == "float32" else {"matmul_dtype": dtype}
+        out.append((f"dpn-jax {opt}" + (f" {dtype}" if kw else ""),
+                    measure.measure_train(model, w, cfg, steps=steps, model_kw=kw)))
+    if peer:
+        from dpn_jax.benchmark import peer_fuxictr
+
+        if model in peer_fuxictr.PEER_MODELS:
+            for autocast in (False, True) if len(dtypes) > 1 else (False,):
+                version, m = peer_fuxictr.measure_peer_train(
+                    model, w, batch_size, grad_clip=grad_clip, steps=steps, autocast=autocast)
+                out.append((f"fuxictr {version}" + (" bf16 autocast" if autocast else ""), m))
+    for impl, m in out:
+        log(f"{model:10s} {w.name:9s} {impl:36s} {m.samples_per_s:10,.0f} samples/s  "
+            f"step {m.step_ms:.1f} ms  compile {m.compile_s:.1f} s  ({label})")
+    return out
+
+
 def run_bench(models: Sequence[str] = DEFAULT_MODELS, *, workloads: Sequence[str] | None = None,
               optimizers: Sequence[str] = ("adam", "lazy_adam"), batch_size: int = 4096,
               steps: int = 20, peer: str | None = None, grad_clip: float = 0.0,
               latency_batches: Sequence[int] = LATENCY_BATCHES, requests: int = 50,
               replicas: int = 0, scan: int = 1, matmul_dtypes: Sequence[str] = ("float32",),
-              log: Callable[[str], None] | None = None) -> dict:
+              rounds: int = 1, log: Callable[[str], None] | None = None) -> dict:
     """Rows of measurements (see dpn_jax.benchmark.measure); ``replicas > 1`` adds a row per
     model and workload for that many vmapped replicas of the first optimiser's step; ``scan > 1``
     adds a row running that many steps per dispatch (``measure.scan_steps``). Each optimiser is
-    timed with each of ``matmul_dtypes`` on the models that have the option (others: float32)."""
+    timed with each of ``matmul_dtypes`` on the models that have the option (others: float32).
+    ``rounds > 1``: the training rows of a (model, workload), peers included, are timed that many
+    times in turn and each keeps its median round (ratios robust to a machine's slow spells)."""
+    if rounds < 1:
+        raise ConfigError(f"--rounds {rounds}: expected at least 1")
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     unknown = [m for m in models if m not in available_models()]
     if unknown:
@@ -100,15 +129,21 @@ def run_bench(models: Sequence[str] = DEFAULT_MODELS, *, workloads: Sequence[str
                 log(f"pipeline {wname}: {pipeline[wname]:,.0f} samples/s")
             latency = measure.measure_latency(model, w, latency_batches, requests=requests)
             dtypes = [d for d in matmul_dtypes if d == "float32" or "matmul_dtype" in model_options(model)]
-            for dtype, opt in itertools.product(dtypes, optimizers):
-                cfg = TrainConfig(batch_size=batch_size, grad_clip=grad_clip, **OPTIMIZERS[opt])
-                kw = {} if dtype == "float32" else {"matmul_dtype": dtype}
-                m = measure.measure_train(model, w, cfg, steps=steps, model_kw=kw)
-                impl = f"dpn-jax {opt}" + (f" {dtype}" if kw else "")
-                rows.append({"model": model, "workload": wname, "impl": impl,
-                             **vars(m), "latency_ms": latency})
-                log(f"{model:10s} {wname:9s} {impl[8:]:22s} {m.samples_per_s:10,.0f} samples/s  "
-                    f"step {m.step_ms:.1f} ms  compile {m.compile_s:.1f} s")
+
+            # Several rounds (a noisy machine): each row keeps its median round by samples/s.
+            timed = [_train_round(model, w, dtypes, optimizers, batch_size=batch_size, steps=steps,
+                                  grad_clip=grad_clip, peer=peer, log=log, label=f"round {r + 1}")
+                     for r in range(rounds)]
+            peer_latency = None
+            for i, (impl, _) in enumerate(timed[0]):
+                m = sorted((t[i][1] for t in timed), key=lambda x: x.samples_per_s)[len(timed) // 2]
+                if impl.startswith("fuxictr") and peer_latency is None:
+                    from dpn_jax.benchmark import peer_fuxictr
+
+                    peer_latency = peer_fuxictr.measure_peer_latency(model, w, latency_batches,
+                                                                     requests=requests)
+                lat = peer_latency if impl.startswith("fuxictr") else latency
+                rows.append({"model": model, "workload": wname, "impl": impl, **vars(m), "latency_ms": lat})
             if scan > 1:
                 cfg = TrainConfig(batch_size=batch_size, grad_clip=grad_clip, **OPTIMIZERS[optimizers[0]])
                 m = measure.measure_train(model, w, cfg, steps=steps, scan=scan)
@@ -123,19 +158,8 @@ def run_bench(models: Sequence[str] = DEFAULT_MODELS, *, workloads: Sequence[str
                              "latency_ms": latency})
                 log(f"{model:10s} {wname:9s} x{replicas} vmapped {m.samples_per_s:10,.0f} samples/s  "
                     f"step {m.step_ms:.1f} ms")
-            if peer and model in peer_fuxictr.PEER_MODELS:
-                lat = peer_fuxictr.measure_peer_latency(model, w, latency_batches, requests=requests)
-                # bf16 rows of ours get PyTorch's bf16 autocast beside them
-                for autocast in (False, True) if len(dtypes) > 1 else (False,):
-                    version, m = peer_fuxictr.measure_peer_train(
-                        model, w, batch_size, grad_clip=grad_clip, steps=steps, autocast=autocast)
-                    impl = f"fuxictr {version}" + (" bf16 autocast" if autocast else "")
-                    rows.append({"model": model, "workload": wname, "impl": impl,
-                                 **vars(m), "latency_ms": lat})
-                    log(f"{model:10s} {wname:9s} {impl:22s} {m.samples_per_s:10,.0f} samples/s  "
-                        f"step {m.step_ms:.1f} ms")
     return {"rows": rows, "pipeline": pipeline, "machine": machine(), "versions": _versions(),
-            "peer_versions": _peer_versions() if peer else {}, "batch_size": batch_size,
+            "peer_versions": _peer_versions() if peer else {}, "batch_size": batch_size, "rounds": rounds,
             "steps": steps, "grad_clip": grad_clip, "seconds": time.perf_counter() - t_start,
             "workloads": {k: WORKLOADS[k]().schema.table_size for k in pipeline}}
 
@@ -187,7 +211,8 @@ def format_markdown(result: dict, command: str) -> str:
         f"{m.get('cpu', 'unknown')})",
         "", f"Command: `{command}`", "",
         f"Batch {result['batch_size']}, median of {result['steps']} timed steps after compile and "
-        f"warm-up; grad clip {result['grad_clip'] or 'off'}; total {result['seconds']:.0f} s. "
+        f"warm-up" + (f", median of {result['rounds']} rounds (each timing every implementation of a "
+                      f"model and workload in turn)" if result.get("rounds", 1) > 1 else "") + "; grad clip {result['grad_clip'] or 'off'}; total {result['seconds']:.0f} s. "
         f"Versions: {v}. Peer: {result['peer_versions'] or 'not run'}.", "",
         f"Input pipeline alone (shuffled batches of a numpy split to the device): {pipe}.", "",
         *lines, ""])
