@@ -77,7 +77,7 @@ def _train_round(model: str, w, dtypes: Sequence[str], optimizers: Sequence[str]
 
         if model in peer_fuxictr.PEER_MODELS:
             for autocast in (False, True) if len(dtypes) > 1 else (False,):
-                version, m = peer_fuxictr.measure_peer_train(
+                version, m = peer_fuxictr.measure_peer_train_isolated(
                     model, w, batch_size, grad_clip=grad_clip, steps=steps, autocast=autocast)
                 out.append((f"fuxictr {version}" + (" bf16 autocast" if autocast else ""), m))
     for impl, m in out:
