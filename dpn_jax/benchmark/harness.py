@@ -205,14 +205,16 @@ def format_markdown(result: dict, command: str) -> str:
             f"{r['compile_s']:.1f} | {r['memory_mb']:.0f} | {r['num_params']:,} | "
             + " | ".join("{:.2f} / {:.2f}".format(*r["latency_ms"][b]) for b in lat) + " |")
     pipe = " · ".join(f"{w}: {v:,.0f} samples/s" for w, v in result["pipeline"].items())
+    rounds = (f", median of {result['rounds']} rounds (each timing every implementation of a model "
+              f"and workload in turn)") if result.get("rounds", 1) > 1 else ""
     m, v = result["machine"], result["versions"]
     return "\n".join([
         f"# Benchmark: {m['platform']} ({m['device']}, {m['devices']} device(s), {m['cpu_count']} CPUs: "
         f"{m.get('cpu', 'unknown')})",
         "", f"Command: `{command}`", "",
         f"Batch {result['batch_size']}, median of {result['steps']} timed steps after compile and "
-        f"warm-up" + (f", median of {result['rounds']} rounds (each timing every implementation of a "
-                      f"model and workload in turn)" if result.get("rounds", 1) > 1 else "") + "; grad clip {result['grad_clip'] or 'off'}; total {result['seconds']:.0f} s. "
-        f"Versions: {v}. Peer: {result['peer_versions'] or 'not run'}.", "",
+        f"warm-up{rounds}; grad clip {result['grad_clip'] or 'off'}; total {result['seconds']:.0f} s. "
+        f"Versions: {v}. Peer: {result['peer_versions'] or 'not run'}" + (
+            ", trained in a process of its own" if result["peer_versions"] else "") + ".", "",
         f"Input pipeline alone (shuffled batches of a numpy split to the device): {pipe}.", "",
         *lines, ""])
