@@ -105,3 +105,14 @@ def test_export_replaces_the_mkl_call_by_xla_bf16_products(tiny_synthetic):
     arrays = [batch[name] for name, _, _ in predictor.inputs]
     expected = jax.nn.sigmoid(model.apply(predictor.variables, batch))
     np.testing.assert_allclose(exported.call(*arrays), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_native_build_falls_back_to_tmp_when_the_cache_is_read_only(monkeypatch, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")  # a file where the cache directory should be: mkdir fails
+    monkeypatch.setenv("DPN_CACHE_DIR", str(blocker))
+    monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    if native.shutil.which("g++") is None and native.shutil.which("c++") is None:
+        pytest.skip("no C++ compiler")
+    out = native.build("sparse_adam.cc", "test")
+    assert out.parent == tmp_path / "tmp" / "dpn_jax_ffi" and out.exists()
