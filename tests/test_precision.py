@@ -54,7 +54,7 @@ def test_dense_dot_general_in_flax_dense():
         dense_dot_general("bfloat16")(x, k, (((0,), (0,)), ((), ())))
 
 
-@pytest.mark.parametrize("name", ["dnn", "dcnv2"])
+@pytest.mark.parametrize("name", ["dnn", "dcnv2", "dpn"])
 def test_model_with_bf16_products_matches_float32_closely(tiny_synthetic, name):
     schema = tiny_synthetic.schema
     batch = {k: jnp.asarray(v[:64]) for k, v in tiny_synthetic.train.items()}
@@ -90,3 +90,22 @@ def test_dcnv2_cross_layer_products_in_bf16():
     k, b = np.asarray(v["params"]["dense"]["kernel"]), np.asarray(v["params"]["dense"]["bias"])
     np.testing.assert_allclose(layer.apply(v, x0, xl), x0 * (_bf16(xl) @ _bf16(k) + b) + xl,
                                rtol=1e-5, atol=1e-5)
+
+
+def test_lowrank_generator_product_in_bf16():
+    """dpo.lowrank(matmul=bf16_matmul): W(z)x + b(z) with the fused product on bf16-rounded x
+    and [ḃ | Ẇ_1..Ẇ_r]; coefficients and bias stay float32."""
+    from dpn_jax import dpo
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(6, 7)).astype(np.float32)
+    z = rng.normal(size=(6, 3)).astype(np.float32)
+    gen = dpo.make_generator("lowrank", 7, 4, 3, rank=2, matmul=bf16_matmul)
+    p = gen.init(jax.random.PRNGKey(0))
+    c = np.asarray(gen.coefficients(p, z), np.float64)  # [B, r+1]
+    want = np.einsum("bm,mkn,bk->bn", _bf16(x), _bf16(p.kernel), c) + c @ np.asarray(p.bias, np.float64)
+    np.testing.assert_allclose(gen.apply(p, x, z), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConfigError, match="'mixture'.*float32 products only"):
+        dpo.make_generator("mixture", 7, 4, 3, matmul=bf16_matmul)
+    with pytest.raises(ConfigError, match="heads=2"):
+        dpo.make_generator("lowrank", 8, 4, 3, heads=2, matmul=bf16_matmul)

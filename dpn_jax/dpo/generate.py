@@ -157,13 +157,15 @@ def _with_one(h: Array) -> Array:
     return jnp.concatenate([jnp.ones_like(h[..., :1]), h], axis=-1)
 
 
-def _basis_apply(kernel: Array, bias: Array | None, x: Array, coef: Array) -> Array:
-    """``Σ_k κ_k (x K_k) + κ·β`` with ``kernel [m,K,n]``: ONE matmul ``x @ [K_1 | ... | K_K]``.
+def _basis_apply(kernel: Array, bias: Array | None, x: Array, coef: Array,
+                 matmul: Callable[[Array, Array], Array] = jnp.matmul) -> Array:
+    """``Σ_k κ_k (x K_k) + κ·β`` with ``kernel [m,K,n]``: ONE matmul ``x @ [K_1 | ... | K_K]``
+    (by ``matmul``, e.g. a bfloat16 product).
 
     Memory ``O(B·K·n)``; never an ``[B,n,m]`` kernel.
     """
     m, k, n = kernel.shape
-    y_all = (x @ kernel.reshape(m, k * n)).reshape(x.shape[0], k, n)
+    y_all = matmul(x, kernel.reshape(m, k * n)).reshape(x.shape[0], k, n)
     y = jnp.einsum("bkn,bk->bn", y_all, coef)
     return y if bias is None else y + coef @ bias
 
@@ -238,11 +240,13 @@ def init_lowrank(key: chex.PRNGKey, in_features: int, out_features: int, context
 
 def lowrank(in_features: int, out_features: int, context_features: int, rank: int = 4, *,
             activation: str | Activation = "relu", use_bias: bool = True,
-            dynamic_scale: float = DEFAULT_DYNAMIC_SCALE, dtype: Any = jnp.float32
-            ) -> WeightGenerator:
+            dynamic_scale: float = DEFAULT_DYNAMIC_SCALE, dtype: Any = jnp.float32,
+            matmul: Callable[[Array, Array], Array] = jnp.matmul) -> WeightGenerator:
     """Low-rank generator (NOTES Eqn. 5): ``h = σ(Ŵz + b̂)``, ``vec(W) = Ẇh + ḃ``, ``b = W̃h + b̃``.
 
-    Fused cost ≈ ``rank + 1`` dense layers: ``W(z)x = ḃx + Σ_k h_k(z)(Ẇ_k x)``.
+    Fused cost ≈ ``rank + 1`` dense layers: ``W(z)x = ḃx + Σ_k h_k(z)(Ẇ_k x)``, the ``rank + 1``
+    products done as one ``matmul(x, [ḃ | Ẇ_1 | ... | Ẇ_k])`` (``matmul``: e.g.
+    :func:`dpn_jax.nn.precision.bf16_matmul`; the materialised ``combine`` path stays float32).
     """
     act = resolve_activation(activation)
 
@@ -255,7 +259,7 @@ def lowrank(in_features: int, out_features: int, context_features: int, rank: in
                                       use_bias=use_bias, dynamic_scale=dynamic_scale, dtype=dtype),
         coefficients=coefficients,
         combine=lambda p, c: _basis_combine(p.kernel, p.bias, c),
-        apply_coefficients=lambda p, x, c: _basis_apply(p.kernel, p.bias, x, c),
+        apply_coefficients=lambda p, x, c: _basis_apply(p.kernel, p.bias, x, c, matmul),
     )
 
 
@@ -548,12 +552,13 @@ def rank1(in_features: int, out_features: int, context_features: int, rank: int 
 def make_generator(name: str, in_features: int, out_features: int, context_features: int, *,
                    rank: int = 4, heads: int = 1, num_kernels: int = 4,
                    activation: str | Activation = "relu", use_bias: bool = True,
-                   dynamic_scale: float = DEFAULT_DYNAMIC_SCALE, dtype: Any = jnp.float32
-                   ) -> WeightGenerator:
+                   dynamic_scale: float = DEFAULT_DYNAMIC_SCALE, dtype: Any = jnp.float32,
+                   matmul: Callable[[Array, Array], Array] | None = None) -> WeightGenerator:
     """Builds a family by name (one of :data:`GENERATORS`).
 
     ``"lowrank"`` with ``heads > 1`` is the multi-head low-rank family; ``heads`` is rejected for
-    the other families, ``rank`` is ignored by ``hyperdense`` and ``mixture``.
+    the other families, ``rank`` is ignored by ``hyperdense`` and ``mixture``. ``matmul`` (the
+    product of :func:`lowrank`) is for single-head ``lowrank`` only, rejected elsewhere.
     """
     if name not in GENERATORS:
         raise ConfigError(f"unknown DPO generator {name!r}; expected one of {list(GENERATORS)}")
@@ -563,12 +568,15 @@ def make_generator(name: str, in_features: int, out_features: int, context_featu
     if heads > 1 and name not in ("lowrank", "multihead"):
         raise ConfigError(f"DPO generator {name!r} has no heads (got heads={heads}); "
                           "heads apply to 'lowrank'/'multihead' only")
+    if matmul is not None and (name != "lowrank" or heads > 1):
+        raise ConfigError(f"DPO generator {name!r} (heads={heads}) has float32 products only; "
+                          "a matmul_dtype other than float32 needs generator lowrank with one head")
     common = dict(use_bias=use_bias, dynamic_scale=dynamic_scale, dtype=dtype)
     dims = (in_features, out_features, context_features)
     if name == "multihead" or (name == "lowrank" and heads > 1):
         return multihead(*dims, rank, heads, activation=activation, **common)
     if name == "lowrank":
-        return lowrank(*dims, rank, activation=activation, **common)
+        return lowrank(*dims, rank, activation=activation, matmul=matmul or jnp.matmul, **common)
     if name == "hyperdense":
         return hyperdense(*dims, **common)
     if name == "mixture":

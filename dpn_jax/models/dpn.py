@@ -15,6 +15,7 @@ from dpn_jax.nn.dpo_layers import FeatureDPO, FieldDPO
 from dpn_jax.nn.dropout import Dropout16, dropout_active
 from dpn_jax.nn.embedding import FieldEmbedding, embedded_field_names
 from dpn_jax.nn.mlp import MLP, activation
+from dpn_jax.nn.precision import dense_dot_general
 
 
 def dpo_layer_indices(spec: str, depth: int) -> frozenset[int]:
@@ -58,9 +59,10 @@ def dpn_tower(m: nn.Module, e: jnp.ndarray, train: bool, *, generator_heads: int
     ctx_idx = context_fields(m.context, m.schema)
     flat = e.reshape(e.shape[0], -1)
     z = flat if ctx_idx is None else e[:, jnp.asarray(ctx_idx)].reshape(e.shape[0], -1)
+    matmul_dtype = getattr(m, "matmul_dtype", "float32")
     gen_kw = dict(generator=m.generator, rank=m.rank, heads=generator_heads,
                   num_kernels=m.num_kernels, use_bias=not m.batch_norm,
-                  context_norm=m.context_norm)
+                  context_norm=m.context_norm, matmul_dtype=matmul_dtype)
     f = activation(m.act)
     h = flat
     for i, width in enumerate(hidden):
@@ -69,7 +71,7 @@ def dpn_tower(m: nn.Module, e: jnp.ndarray, train: bool, *, generator_heads: int
         elif i in layers:
             h = FeatureDPO(width, **gen_kw, name=f"dpo_{i}")(h, z)
         else:
-            h = nn.Dense(width, use_bias=not m.batch_norm,
+            h = nn.Dense(width, use_bias=not m.batch_norm, dot_general=dense_dot_general(matmul_dtype),
                          kernel_init=nn.initializers.glorot_normal(), name=f"dense_{i}")(h)
         if m.batch_norm:
             h = nn.BatchNorm(use_running_average=not train, momentum=m.bn_momentum,
@@ -90,7 +92,8 @@ class DPN(nn.Module):
     ``other_fields`` = each field block's kernel from the other fields, or comma-separated field
     names). Generators: lowrank (Eqn. 5, default, rank 4), hyperdense, multihead (``heads``),
     mixture (``num_kernels``), diagonal, rank1. Everything else is the AFN/BARS DNN: embedding
-    10, 400-400-400, BatchNorm, ReLU."""
+    10, 400-400-400, BatchNorm, ReLU. ``matmul_dtype`` (as ``dnn``'s; single-head lowrank):
+    the DPO layer's fused product and the dense layers' products in bfloat16."""
 
     schema: Schema
     embedding_dim: int = 10
@@ -106,6 +109,7 @@ class DPN(nn.Module):
     heads: int = 1
     num_kernels: int = 4
     context_norm: bool = False
+    matmul_dtype: str = "float32"
 
     @nn.compact
     def __call__(self, batch, train: bool = False) -> jnp.ndarray:

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from dpn_jax import dpo
 from dpn_jax.errors import ConfigError
+from dpn_jax.nn.precision import matmul_for
 
 Array = jax.Array
 
@@ -78,12 +79,16 @@ class FeatureDPO(nn.Module):
     dynamic_scale: float = dpo.DEFAULT_DYNAMIC_SCALE
     context_norm: bool = False
     param_dtype: Any = jnp.float32
+    # "bfloat16" / "bfloat16_mkl": the lowrank family's fused product x @ [K_0 | ... | K_r] in
+    # bfloat16 with float32 accumulation (dpn_jax/nn/precision.py)
+    matmul_dtype: str = "float32"
 
     def _generator(self, in_features: int, context_features: int) -> dpo.WeightGenerator:
         return dpo.make_generator(
             self.generator, in_features, self.features, context_features, rank=self.rank,
             heads=self.heads, num_kernels=self.num_kernels, activation=self.hidden_activation,
-            use_bias=self.use_bias, dynamic_scale=self.dynamic_scale, dtype=self.param_dtype)
+            use_bias=self.use_bias, dynamic_scale=self.dynamic_scale, dtype=self.param_dtype,
+            matmul=matmul_for(self.matmul_dtype))
 
     @nn.compact
     def __call__(self, x: Array, z: Array) -> Array:

@@ -70,8 +70,8 @@ def _dense_bf16_dot_general(lhs, rhs, dimension_numbers, precision=None,
     return out.reshape(*lhs.shape[:-1], rhs.shape[-1])
 
 
-def dense_dot_general(matmul_dtype: str) -> Callable | None:
-    """The ``dot_general`` to give a flax ``Dense`` for ``matmul_dtype`` (None: flax's own).
+def matmul_for(matmul_dtype: str) -> Callable | None:
+    """``(x [n,m], w [m,k]) -> [n,k]`` float32 for ``matmul_dtype`` (None: plain float32).
 
     ``"bfloat16_mkl"``: the bfloat16 products computed by MKL (:mod:`dpn_jax.nn.mkl_matmul`),
     checked here so a missing library or compiler fails before any tracing."""
@@ -83,5 +83,11 @@ def dense_dot_general(matmul_dtype: str) -> Callable | None:
         reason = mkl_matmul.unavailable_reason()
         if reason:
             raise ConfigError(reason)
-        return functools.partial(_dense_bf16_dot_general, matmul=mkl_matmul.mkl_bf16_matmul)
-    return _dense_bf16_dot_general if matmul_dtype == "bfloat16" else None
+        return mkl_matmul.mkl_bf16_matmul
+    return bf16_matmul if matmul_dtype == "bfloat16" else None
+
+
+def dense_dot_general(matmul_dtype: str) -> Callable | None:
+    """The ``dot_general`` to give a flax ``Dense`` for ``matmul_dtype`` (None: flax's own)."""
+    matmul = matmul_for(matmul_dtype)
+    return None if matmul is None else functools.partial(_dense_bf16_dot_general, matmul=matmul)
