@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from dpn_jax import native
 from dpn_jax.errors import ConfigError
+from dpn_jax.nn.precision import bf16_matmul_with
 
 TARGET = "dpn_jax_bf16_gemm"
 OPTION = "matmul_dtype=bfloat16_mkl"
@@ -91,25 +92,6 @@ def mkl_dot(a: jax.Array, b: jax.Array, trans_a: bool = False, trans_b: bool = F
     return call(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), trans_a=trans_a, trans_b=trans_b)
 
 
-@jax.custom_vjp
-def mkl_bf16_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """``x [n,m] @ w [m,k]`` with bfloat16 operands and a float32 result, by MKL; the backward
-    products likewise (gradients in the inputs' dtypes)."""
-    return mkl_dot(x, w)
-
-
-def _fwd(x, w):
-    xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
-    return mkl_dot(xb, wb), (xb, wb, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
-
-
-def _bwd(res, g):
-    xb, wb, x_like, w_like = res
-    gb = g.astype(jnp.bfloat16)
-    # the transposes are MKL's flags: no xᵀ or Wᵀ is materialised
-    dx = mkl_dot(gb, wb, trans_b=True)
-    dw = mkl_dot(xb, gb, trans_a=True)
-    return dx.astype(x_like.dtype), dw.astype(w_like.dtype)
-
-
-mkl_bf16_matmul.defvjp(_fwd, _bwd)
+# ``x [n,m] @ w [m,k]`` in bfloat16 by MKL, backward products too; the transposes of the
+# backward products are MKL's flags, so no xᵀ or Wᵀ is materialised
+mkl_bf16_matmul = bf16_matmul_with(mkl_dot)

@@ -33,30 +33,39 @@ def row_major_transpose(x: jax.Array) -> jax.Array:
     return with_layout_constraint(jnp.asarray(x).T, Layout(major_to_minor=(0, 1)))
 
 
-@jax.custom_vjp
-def bf16_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """``x [n,m] @ w [m,k]`` with bfloat16 operands and a float32 result; the backward products
-    likewise (gradients returned in the inputs' dtypes)."""
-    return jnp.dot(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16),
+def bf16_matmul_with(dot: Callable[..., jax.Array]) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """``x [n,m] @ w [m,k]`` with bfloat16 operands and a float32 result, the backward products
+    likewise (gradients returned in the inputs' dtypes): a custom VJP whose three products are
+    ``dot(a, b, trans_a, trans_b) = op(a) @ op(b)`` on bfloat16 ``a``, ``b`` (XLA's below, MKL's
+    in :mod:`dpn_jax.nn.mkl_matmul`)."""
+
+    @jax.custom_vjp
+    def matmul(x, w):
+        return dot(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), False, False)
+
+    def fwd(x, w):
+        xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+        # empty arrays carry the inputs' dtypes (residuals must be arrays)
+        return dot(xb, wb, False, False), (xb, wb, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
+
+    def bwd(res, g):
+        xb, wb, x_like, w_like = res
+        gb = g.astype(jnp.bfloat16)
+        dx = dot(gb, wb, False, True)
+        dw = dot(xb, gb, True, False)
+        return dx.astype(x_like.dtype), dw.astype(w_like.dtype)
+
+    matmul.defvjp(fwd, bwd)
+    return matmul
+
+
+def _xla_bf16_dot(a: jax.Array, b: jax.Array, trans_a: bool, trans_b: bool) -> jax.Array:
+    """XLA's product; a transposed ``a`` (the weight gradient's ``xᵀ``) is made row-major."""
+    return jnp.dot(row_major_transpose(a) if trans_a else a, b.T if trans_b else b,
                    preferred_element_type=jnp.float32)
 
 
-def _fwd(x, w):
-    xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
-    out = jnp.dot(xb, wb, preferred_element_type=jnp.float32)
-    # empty arrays carry the inputs' dtypes (residuals must be arrays)
-    return out, (xb, wb, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
-
-
-def _bwd(res, g):
-    xb, wb, x_like, w_like = res
-    gb = g.astype(jnp.bfloat16)
-    dx = jnp.dot(gb, wb.T, preferred_element_type=jnp.float32)
-    dw = jnp.dot(row_major_transpose(xb), gb, preferred_element_type=jnp.float32)
-    return dx.astype(x_like.dtype), dw.astype(w_like.dtype)
-
-
-bf16_matmul.defvjp(_fwd, _bwd)
+bf16_matmul = bf16_matmul_with(_xla_bf16_dot)
 
 
 def _dense_bf16_dot_general(lhs, rhs, dimension_numbers, precision=None,
