@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from bf16_reference import bf16
 
 from dpn_jax import native
 from dpn_jax.errors import ConfigError
@@ -17,10 +18,6 @@ from dpn_jax.nn.precision import bf16_matmul, dense_dot_general
 
 REASON = mkl_matmul.unavailable_reason()
 needs_mkl = pytest.mark.skipif(REASON is not None, reason=f"MKL kernel unavailable: {REASON}")
-
-
-def _bf16(a):
-    return np.asarray(jnp.asarray(a).astype(jnp.bfloat16).astype(jnp.float32), np.float64)
 
 
 @needs_mkl
@@ -35,7 +32,7 @@ def test_mkl_dot_is_the_bf16_product(trans_a, trans_b, m, k, n):
         jnp.asarray(np.ascontiguousarray(a_in)).astype(jnp.bfloat16),
         jnp.asarray(np.ascontiguousarray(b_in)).astype(jnp.bfloat16), trans_a, trans_b)
     assert out.shape == (m, n) and out.dtype == jnp.float32
-    np.testing.assert_allclose(out, _bf16(a) @ _bf16(b), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(out, bf16(a) @ bf16(b), rtol=1e-5, atol=1e-4)
 
 
 @needs_mkl
@@ -56,12 +53,12 @@ class TestMklMatmul(chex.TestCase):
         x = rng.normal(size=(3, 8, 5)).astype(np.float32)
         w = rng.normal(size=(3, 5, 4)).astype(np.float32)
         out = jax.jit(jax.vmap(mkl_matmul.mkl_bf16_matmul))(x, w)
-        np.testing.assert_allclose(out, np.einsum("rnm,rmk->rnk", _bf16(x), _bf16(w)), rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(out, np.einsum("rnm,rmk->rnk", bf16(x), bf16(w)), rtol=1e-5, atol=1e-4)
 
 
 @needs_mkl
 @pytest.mark.parametrize("name", ["dnn", "dcnv2", "dpn"])
-def test_model_with_mkl_products_equals_xla_bf16(tiny_synthetic, name):
+def test_model_with_mkl_products_equals_xlabf16(tiny_synthetic, name):
     batch = {k: jnp.asarray(v[:64]) for k, v in tiny_synthetic.train.items()}
     xla = build_model(name, tiny_synthetic.schema, embedding_dim=4, hidden=(16, 8), matmul_dtype="bfloat16")
     mkl = build_model(name, tiny_synthetic.schema, embedding_dim=4, hidden=(16, 8), matmul_dtype="bfloat16_mkl")

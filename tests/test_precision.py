@@ -8,14 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from bf16_reference import bf16
 
 from dpn_jax.errors import ConfigError
 from dpn_jax.models import build_model
 from dpn_jax.nn.precision import bf16_matmul, dense_dot_general, row_major_transpose
-
-
-def _bf16(a):
-    return np.asarray(jnp.asarray(a).astype(jnp.bfloat16).astype(jnp.float32), np.float64)
 
 
 class TestBF16Matmul(chex.TestCase):
@@ -29,9 +26,9 @@ class TestBF16Matmul(chex.TestCase):
         dx, dw = vjp(ct)
         chex.assert_trees_all_equal_dtypes((out, dx, dw), (x[:, :5], x, w))
         # each product on bf16-rounded operands, accumulated in float32 (numpy float64 here)
-        np.testing.assert_allclose(out, _bf16(x) @ _bf16(w), rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(dx, _bf16(ct) @ _bf16(w).T, rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(dw, _bf16(x).T @ _bf16(ct), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(out, bf16(x) @ bf16(w), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(dx, bf16(ct) @ bf16(w).T, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(dw, bf16(x).T @ bf16(ct), rtol=1e-5, atol=1e-5)
         # and near the float32 product (bf16 keeps 8 bits of mantissa)
         np.testing.assert_allclose(out, x @ w, rtol=0.05, atol=0.05)
 
@@ -46,7 +43,7 @@ def test_dense_dot_general_in_flax_dense():
     mixed = nn.Dense(4, dot_general=dense_dot_general("bfloat16"))
     v = plain.init(jax.random.PRNGKey(0), x)
     k, b = np.asarray(v["params"]["kernel"]), np.asarray(v["params"]["bias"])
-    np.testing.assert_allclose(mixed.apply(v, x), _bf16(x) @ _bf16(k) + b, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(mixed.apply(v, x), bf16(x) @ bf16(k) + b, rtol=1e-5, atol=1e-5)
     assert dense_dot_general("float32") is None  # flax's own product
     with pytest.raises(ConfigError, match="matmul_dtype='float16'.*float32.*bfloat16"):
         dense_dot_general("float16")
@@ -80,7 +77,7 @@ def test_model_with_bf16_products_matches_float32_closely(tiny_synthetic, name):
         np.testing.assert_allclose(x, y, rtol=0.1, atol=0.1 * float(np.abs(y).max()) + 1e-12)
 
 
-def test_dcnv2_cross_layer_products_in_bf16():
+def test_dcnv2_cross_layer_products_inbf16():
     from dpn_jax.nn.cross_layers import CrossLayerV2
 
     rng = np.random.default_rng(3)
@@ -88,11 +85,11 @@ def test_dcnv2_cross_layer_products_in_bf16():
     layer = CrossLayerV2(matmul_dtype="bfloat16")
     v = layer.init(jax.random.PRNGKey(0), x0, xl)
     k, b = np.asarray(v["params"]["dense"]["kernel"]), np.asarray(v["params"]["dense"]["bias"])
-    np.testing.assert_allclose(layer.apply(v, x0, xl), x0 * (_bf16(xl) @ _bf16(k) + b) + xl,
+    np.testing.assert_allclose(layer.apply(v, x0, xl), x0 * (bf16(xl) @ bf16(k) + b) + xl,
                                rtol=1e-5, atol=1e-5)
 
 
-def test_lowrank_generator_product_in_bf16():
+def test_lowrank_generator_product_inbf16():
     """dpo.lowrank(matmul=bf16_matmul): W(z)x + b(z) with the fused product on bf16-rounded x
     and [ḃ | Ẇ_1..Ẇ_r]; coefficients and bias stay float32."""
     from dpn_jax import dpo
@@ -103,7 +100,7 @@ def test_lowrank_generator_product_in_bf16():
     gen = dpo.make_generator("lowrank", 7, 4, 3, rank=2, matmul=bf16_matmul)
     p = gen.init(jax.random.PRNGKey(0))
     c = np.asarray(gen.coefficients(p, z), np.float64)  # [B, r+1]
-    want = np.einsum("bm,mkn,bk->bn", _bf16(x), _bf16(p.kernel), c) + c @ np.asarray(p.bias, np.float64)
+    want = np.einsum("bm,mkn,bk->bn", bf16(x), bf16(p.kernel), c) + c @ np.asarray(p.bias, np.float64)
     np.testing.assert_allclose(gen.apply(p, x, z), want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ConfigError, match="'mixture'.*float32 products only"):
         dpo.make_generator("mixture", 7, 4, 3, matmul=bf16_matmul)
