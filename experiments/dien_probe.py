@@ -13,7 +13,9 @@ test split, how much that path carries:
   learned preferences between steps, the only place the DPO acts, are discarded;
 - the attention scores themselves, each row divided by its sum: ``max score × n`` (1 = uniform)
   and the normalised entropy;
-- the size of the final interest against the other tower inputs (RMS per unit).
+- how much the attention's input varies over the steps of a row: the interest states' spread
+  ``sqrt(mean_t ||h_t − h̄||²) / ||h̄||`` over the valid steps (``h̄`` their mean; 0 = every step
+  has the same state, so no attention, however trained, can prefer one step).
 
 Writes ``experiments/results/dien_probe_<data>.md`` with the command.
 """
@@ -68,7 +70,7 @@ def scores(net, variables, split, kind: str | None, batch_size: int = 4096):
     @jax.jit
     def run(variables, batch):  # variables as an argument: not baked into the program as constants
         def call():
-            return net.apply(variables, batch, train=False, capture_intermediates=lambda m, _: isinstance(m, DINAttention))
+            return net.apply(variables, batch, train=False, capture_intermediates=captured)
 
         if kind is None:
             return call()
@@ -76,25 +78,45 @@ def scores(net, variables, split, kind: str | None, batch_size: int = 4096):
             return call()
 
     n = len(split["label"])
-    logits, atts = [], []
+    logits, atts, spreads = [], [], []
     for i in range(0, n, batch_size):
         batch = {k: np.asarray(v[i:i + batch_size]) for k, v in split.items()}
         out, inter = run(variables, batch)
         logits.append(np.asarray(out))
-        atts.append([np.asarray(a) for a in captured_scores(inter["intermediates"])])
-    return np.concatenate(logits), atts
+        units = captured_units(inter["intermediates"])
+        atts.append([np.asarray(a) for _, a in units])
+        spreads += [state_spread(np.asarray(h), np.asarray(a) > 0) for h, a in units]
+    return np.concatenate(logits), atts, np.concatenate(spreads)
 
 
-def captured_scores(tree) -> list:
-    """The scores of every DINAttention call in ``capture_intermediates`` output, where each
-    call is stored as ``{"__call__": ((pooled, scores),)}``."""
+def captured(module, method_name) -> bool:
+    """What ``capture_intermediates`` keeps: the attention units and the interest extractors."""
+    return isinstance(module, DINAttention) or (isinstance(module, GRU) and module.name.startswith("extractor"))
+
+
+def captured_units(tree) -> list:
+    """``(interest states, attention scores)`` of every attention unit ``g`` in
+    ``capture_intermediates`` output: ``extractor_g`` stores ``((states, final),)`` and
+    ``attention_g`` ``((pooled, scores),)`` under ``"__call__"``."""
     found = []
     for key, value in tree.items():
-        if key == "__call__":
-            found += [out[1] for out in value if isinstance(out, tuple) and len(out) == 2]
-        elif hasattr(value, "items"):  # a dict or flax FrozenDict
-            found += captured_scores(value)
+        if key.startswith("attention_") and "__call__" in value:
+            states = tree[key.replace("attention_", "extractor_", 1)]["__call__"][0][0]
+            found.append((states, value["__call__"][0][1]))
+        elif hasattr(value, "items") and key != "__call__":  # a dict or flax FrozenDict
+            found += captured_units(value)
     return found
+
+
+def state_spread(h: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Per row with >= 2 valid steps: ``sqrt(mean_t ||h_t − h̄||²) / ||h̄||`` over its valid
+    steps, ``h [B,T,H]``, ``valid [B,T]``."""
+    h = np.asarray(h, np.float64)
+    n = valid.sum(-1)
+    mean = np.where(valid[..., None], h, 0).sum(1) / np.maximum(n, 1)[:, None]
+    dev = np.where(valid, ((h - mean[:, None]) ** 2).sum(-1), 0).sum(-1) / np.maximum(n, 1)
+    keep = n >= 2
+    return np.sqrt(dev[keep]) / np.maximum(np.linalg.norm(mean[keep], axis=-1), 1e-30)
 
 
 def attention_stats(atts) -> tuple[float, float]:
@@ -136,13 +158,14 @@ def main(argv=None) -> int:
         net = build_model(name, data.schema, **model_kw)
         res = fit(net, data, cfg, progress=False)
         variables = {"params": res.params, **({"batch_stats": res.batch_stats} if res.batch_stats else {})}
-        base, atts = scores(net, variables, test, None)
+        base, atts, spread = scores(net, variables, test, None)
         logits_of[name] = base
         peak, ent = attention_stats(atts)
         row = {"model": name, "best epoch": res.best_epoch, "test AUC": auc(labels, base),
-               "logloss": logloss_from_logits(labels, base), "peak": peak, "entropy": ent}
+               "logloss": logloss_from_logits(labels, base), "peak": peak, "entropy": ent,
+               "spread": float(np.median(spread)), "spread_p90": float(np.quantile(spread, 0.9))}
         for kind in ("zero_interest", "uniform_attention"):
-            ko, _ = scores(net, variables, test, kind)
+            ko, _, _ = scores(net, variables, test, kind)
             row[kind] = auc(labels, ko)
         rows.append(row)
         print(row, flush=True)
@@ -150,10 +173,12 @@ def main(argv=None) -> int:
              f"Command: `python experiments/dien_probe.py {shlex.join(argv if argv is not None else sys.argv[1:])}`",
              "", f"Protocol: `{' '.join(table45.PROTOCOL)}`, max_epochs {args.max_epochs}; options: {args.sets or 'defaults'}. Versions: {versions()}", "",
              "| model | best epoch | test AUC | logloss | AUC, final interest zeroed | AUC, uniform attention | "
-             "max score × n | score entropy / log n |", "|---|---|---|---|---|---|---|---|"]
+             "max score × n | score entropy / log n | interest spread over steps, median (p90) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| `{r['model']}` | {r['best epoch']} | {r['test AUC']:.4f} | {r['logloss']:.4f} | "
-                     f"{r['zero_interest']:.4f} | {r['uniform_attention']:.4f} | {r['peak']:.2f} | {r['entropy']:.3f} |")
+                     f"{r['zero_interest']:.4f} | {r['uniform_attention']:.4f} | {r['peak']:.2f} | {r['entropy']:.3f} | "
+                     f"{r['spread']:.3g} ({r['spread_p90']:.3g}) |")
     names = list(logits_of)
     if len(names) == 2:
         a, b = (logits_of[n] for n in names)

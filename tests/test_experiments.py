@@ -96,20 +96,26 @@ def test_dien_probe_knockouts_match_independent_routes():
     # sigmoid-sigmoid MLP then softmax(s/sqrt(d)): scores of N(0, 0.5) weights are near-uniform
     # too (the probe's finding); a steeper score layer makes the knock-outs visible
     v["params"]["attention_0"]["score"]["kernel"] = 50 * v["params"]["attention_0"]["score"]["kernel"]
-    base, atts = dien_probe.scores(model, v, split, None, batch_size=16)
+    base, atts, spread = dien_probe.scores(model, v, split, None, batch_size=16)
     peak, entropy = dien_probe.attention_stats(atts)
     assert peak > 1.05 and entropy < 0.999  # random weights: far from uniform
+    # the spread is that of the extractor's states, over each row's valid steps
+    _, inter = model.apply(v, jbatch(split), capture_intermediates=True)
+    states = np.asarray(inter["intermediates"]["extractor_0"]["__call__"][0][0])
+    valid = np.concatenate([a[0] for a in atts]) > 0
+    np.testing.assert_allclose(spread, dien_probe.state_spread(states, valid), rtol=1e-5)
+    assert np.all(np.isfinite(spread)) and spread.min() > 0
 
     units = v["params"]["evolution_0"]["hidden_kernel"].shape[0]
     cut = jax.tree.map(lambda t: t, v)
     cut["params"]["mlp"]["dense_0"]["kernel"] = v["params"]["mlp"]["dense_0"]["kernel"].at[-units:].set(0)
-    zeroed, _ = dien_probe.scores(model, v, split, "zero_interest", batch_size=16)
+    zeroed, _, _ = dien_probe.scores(model, v, split, "zero_interest", batch_size=16)
     np.testing.assert_allclose(zeroed, dien_probe.scores(model, cut, split, None, batch_size=16)[0],
                                atol=1e-5)
     flat = jax.tree.map(lambda t: t, v)
     flat["params"]["attention_0"]["score"] = jax.tree.map(jnp.zeros_like, v["params"]["attention_0"]["score"])
-    uniform, _ = dien_probe.scores(model, v, split, "uniform_attention", batch_size=16)
-    ref, ref_atts = dien_probe.scores(model, flat, split, None, batch_size=16)
+    uniform, _, _ = dien_probe.scores(model, v, split, "uniform_attention", batch_size=16)
+    ref, ref_atts, _ = dien_probe.scores(model, flat, split, None, batch_size=16)
     np.testing.assert_allclose(uniform, ref, atol=1e-5)
     assert not np.allclose(uniform, base, atol=1e-3) and not np.allclose(zeroed, base, atol=1e-3)
     np.testing.assert_allclose(dien_probe.attention_stats(ref_atts), (1.0, 1.0), atol=1e-5)
@@ -130,15 +136,34 @@ def test_dien_probe_uniform_knockout_keeps_the_sigmoid_level():
     v = {k: x for k, x in v.items() if k != "losses"}
     score = v["params"]["attention_0"]["score"]
     v["params"]["attention_0"]["score"] = {"kernel": 50 * score["kernel"], "bias": score["bias"]}
-    base, _ = dien_probe.scores(model, v, split, None, batch_size=16)
-    uniform, _ = dien_probe.scores(model, v, split, "uniform_attention", batch_size=16)
+    base, _, _ = dien_probe.scores(model, v, split, None, batch_size=16)
+    uniform, _, _ = dien_probe.scores(model, v, split, "uniform_attention", batch_size=16)
     assert not np.allclose(uniform, base, atol=1e-3)
     flat = jax.tree.map(lambda t: t, v)
     flat["params"]["attention_0"]["score"] = jax.tree.map(jnp.zeros_like, score)
-    ref, ref_atts = dien_probe.scores(model, flat, split, None, batch_size=16)
+    ref, ref_atts, _ = dien_probe.scores(model, flat, split, None, batch_size=16)
     assert all(np.isin(a, (0.0, 0.5)).all() for batch in ref_atts for a in batch)
     np.testing.assert_allclose(dien_probe.scores(model, flat, split, "uniform_attention",
                                                  batch_size=16)[0], ref, atol=1e-6)
+
+
+def test_dien_probe_state_spread_is_the_direct_formula():
+    import dien_probe
+
+    rng = np.random.default_rng(0)
+    h = rng.normal(size=(4, 5, 3))
+    valid = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0]], bool)
+    h[0, 3:] = 1e6  # padded steps never count
+    got = dien_probe.state_spread(h, valid)
+    want = []
+    for row, m in zip(h, valid, strict=True):
+        if m.sum() >= 2:
+            steps = row[m]
+            centre = steps.mean(0)
+            want.append(np.sqrt(np.mean(np.sum((steps - centre) ** 2, -1))) / np.linalg.norm(centre))
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    same = np.repeat(rng.normal(size=(2, 1, 3)), 4, axis=1)  # one state at every step: no spread
+    np.testing.assert_allclose(dien_probe.state_spread(same, np.ones((2, 4), bool)), 0, atol=1e-12)
 
 
 def test_dien_probe_attention_stats():
