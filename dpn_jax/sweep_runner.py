@@ -4,7 +4,8 @@ Configurations are the product of the ``--grid`` values; each is trained once pe
 whose options differ only in data (``dpn_jax.train.sweep.SWEEPABLE`` and the model's ``dropout``)
 share one compiled program; other options (rank, width, batch size, ...) split the sweep into
 one program per distinct value, automatically. Finished programs are saved under
-``out/groups/`` so an interrupted sweep resumes where it stopped.
+``out/groups/`` and the running one checkpoints every epoch under ``out/checkpoints/``, so an
+interrupted sweep resumes where it stopped (at the epoch after its last checkpoint).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -145,8 +147,9 @@ def run_sweep(model: str, data, *, seeds: Sequence[int], grid: dict[str, list[st
                 labels.append(c.label)
         log(f"group {gi}/{len(groups)}: {len(cfgs)} replicas of {model} {model_kw or ''}")
         t0 = time.perf_counter()
+        ckpt_dir = out / "checkpoints" / key if out is not None else None  # an interrupted group continues
         results = fit_sweep(net, dataset, cfgs, log=log, progress=progress, max_replicas=max_replicas,
-                            dropouts=dropouts if swept_dropout else None)
+                            dropouts=dropouts if swept_dropout else None, checkpoint_dir=ckpt_dir, resume=True)
         wall = time.perf_counter() - t0
         group_rows = []
         for label, cfg, rate, r in zip(labels, cfgs, dropouts, results):
@@ -168,6 +171,7 @@ def run_sweep(model: str, data, *, seeds: Sequence[int], grid: dict[str, list[st
             tmp = saved.with_suffix(".tmp")
             tmp.write_text(json.dumps({"replicas": group_rows}, indent=1))
             tmp.replace(saved)
+            shutil.rmtree(ckpt_dir, ignore_errors=True)  # the group's results are kept: its checkpoints are not needed
     summary = summarise(model, data, confs, replicas, command=command)
     if out is not None:
         (out / "sweep.md").write_text(summary["markdown"])
@@ -209,15 +213,19 @@ def summarise(model: str, data: str, confs: list[Configuration], replicas: list[
 
 def train_seeds(model: str, dataset, seeds: Sequence[int], sets: Sequence[str] = (), *,
                 data_name: str | None = None, progress: bool | None = None,
-                log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+                log: Callable[[str], None] | None = None,
+                checkpoint_dir: str | Path | None = None) -> list[dict[str, Any]]:
     """One configuration over ``seeds`` as one vmapped sweep; a results dict per seed with the
-    keys of ``run_train``'s (``train_samples_per_s`` per replica: the sweep's total / K)."""
+    keys of ``run_train``'s (``train_samples_per_s`` per replica: the sweep's total / K).
+    ``checkpoint_dir``: checkpoints after every epoch, continued when the call is repeated after
+    an interruption (``train_seconds`` then counts this call's wall time only)."""
     opts = model_options(model)
     train_kw, model_kw = split_overrides(list(sets), opts, model)
     net = build_model(model, dataset.schema, **model_kw)
     cfgs = [TrainConfig(**{**train_kw, "seed": s}) for s in seeds]
     t0 = time.perf_counter()
-    results = fit_sweep(net, dataset, cfgs, log=log or (lambda s: None), progress=progress)
+    results = fit_sweep(net, dataset, cfgs, log=log or (lambda s: None), progress=progress,
+                        checkpoint_dir=checkpoint_dir, resume=True)
     wall = time.perf_counter() - t0
     out = []
     for cfg, r in zip(cfgs, results):

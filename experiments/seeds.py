@@ -6,7 +6,9 @@
 
 Each ``--run`` is a model name followed by ``key=value`` overrides. Every finished (run, seed)
 is kept as ``<out>/runs/<slug>-<seed>.json``; a rerun skips those, so an interrupted sweep
-resumes. The table goes to ``<out>.md`` (and ``<out>.json``) with the command that made it.
+resumes; the seeds training together checkpoint every epoch under ``<out>/checkpoints/`` (deleted
+once their results are written), so a rerun continues a killed sweep at its last epoch. Each
+epoch logs the replicas' validation AUC to stderr. The table goes to ``<out>.md`` (and ``<out>.json``) with the command that made it.
 
 The missing seeds of one run train together as one vmapped sweep (``dpn_jax.train.sweep``:
 each replica equals its sequential run up to float rounding); ``--sequential`` trains them one
@@ -19,6 +21,7 @@ import argparse
 import json
 import re
 import shlex
+import shutil
 import statistics
 import sys
 import time
@@ -107,12 +110,17 @@ def main(argv: list[str] | None = None, command: str | None = None) -> int:
         elif missing:
             if dataset is None:
                 dataset = load_dataset(args.data, data_dir=args.data_dir, **data_options)
-            fresh = train_seeds(model, dataset, missing, sets, data_name=args.data, progress=False)
+            ckpt = out / "checkpoints" / f"{slug(' '.join([model, *sets]))}-{'_'.join(map(str, missing))}"
+            fresh = train_seeds(model, dataset, missing, sets, data_name=args.data, progress=False,
+                                log=lambda s, run=run: print(f"{run}: {s}", file=sys.stderr, flush=True),
+                                checkpoint_dir=ckpt)
         for r in fresh:
             r.pop("history", None)
             paths[r["seed"]].write_text(json.dumps(r, indent=1))
             print(f"{run} seed {r['seed']}: test auc {r['test_auc']:.4f} logloss {r['test_logloss']:.4f} "
                   f"({time.perf_counter() - t0:.0f}s for {len(missing)} seeds)", file=sys.stderr, flush=True)
+        if fresh and not args.sequential:
+            shutil.rmtree(ckpt, ignore_errors=True)  # every seed's result is written
         done = [seed for seed in seeds if paths[seed].exists()]
         if not done:
             continue

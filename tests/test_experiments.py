@@ -38,11 +38,45 @@ def test_seeds_script_sweeps_writes_and_resumes(seeds_script, tmp_path, monkeypa
     first = json.loads((out / "runs" / runs[0]).read_text())
     assert first["sweep_replicas"] == 2 and first["config"]["model"]["embedding_dim"] == 4
     assert first["config"]["train"]["max_epochs"] == 2
+    assert list((out / "checkpoints").iterdir()) == []  # removed once the seeds' results are written
 
     # A rerun trains nothing: every (run, seed) is on disk.
     monkeypatch.setattr(seeds_script, "train_seeds", lambda *a, **k: pytest.fail("retrained"))
     assert seeds_script.main(argv) == 0
     assert (out.parent / "t.json").exists()
+
+
+def test_seeds_script_continues_a_killed_sweep(seeds_script, tmp_path, monkeypatch, capsys):
+    """Killed in epoch 2 of 3, a rerun of the same command continues after epoch 1's checkpoint
+    and writes what an uninterrupted run writes."""
+    import dpn_jax.sweep_runner as sr
+
+    argv = ["--data", "synthetic", "--seeds", "1,2", "--protocol", "max_epochs=3", "--protocol",
+            "patience=5", "--protocol", "batch_size=1024", "--run", "lr"]
+    seeds_script.main([*argv, "--out", str(tmp_path / "whole")])
+    real = sr.fit_sweep
+
+    def killed_in_epoch_2(*a, **k):
+        def kill(epoch, *_):
+            if epoch == 2:
+                raise KeyboardInterrupt
+        return real(*a, **k, on_epoch=kill)
+
+    monkeypatch.setattr(sr, "fit_sweep", killed_in_epoch_2)
+    out = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        seeds_script.main([*argv, "--out", str(out)])
+    assert not list((out / "runs").iterdir()) and len(list((out / "checkpoints").iterdir())) == 1
+    monkeypatch.setattr(sr, "fit_sweep", real)
+    capsys.readouterr()
+    seeds_script.main([*argv, "--out", str(out)])
+    assert "resumed after epoch 1" in capsys.readouterr().err
+    for seed in (1, 2):
+        name = f"lr_max_epochs=3_patience=5_batch_size=1024-{seed}.json"
+        a, b = (json.loads((d / "runs" / name).read_text()) for d in (tmp_path / "whole", out))
+        assert (a["epochs"], a["best_epoch"]) == (b["epochs"], b["best_epoch"]) == (3, b["best_epoch"])
+        assert a["test_auc"] == pytest.approx(b["test_auc"], abs=1e-6)
+    assert list((out / "checkpoints").iterdir()) == []
 
 
 def test_data_options_reach_the_loader_and_the_table(monkeypatch, tmp_path, tiny_synthetic):

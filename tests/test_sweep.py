@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from dpn_jax.errors import ConfigError
+from dpn_jax.errors import ConfigError, DpnError
 from dpn_jax.models import build_model
 from dpn_jax.sweep_runner import parse_grid, parse_seeds, run_sweep
 from dpn_jax.train.config import TrainConfig
@@ -97,6 +97,56 @@ def test_stopped_replicas_are_compacted_away(tiny_synthetic):
     assert abs(out[0].result.test["auc"] - alone.test["auc"]) < AUC_ATOL
 
 
+class Killed(Exception):
+    """Stands for the process dying at the end of an epoch, before its checkpoint is written."""
+
+
+def test_killed_sweep_resumes_from_its_checkpoint(tiny_synthetic, tmp_path):
+    """Killed during epoch 3 (after the two lr = 0 replicas stopped at epoch 2 and the stack was
+    compacted to the other two), the sweep resumes after epoch 2's checkpoint and ends as the
+    uninterrupted sweep: same epochs, best epochs, histories, parameters and test metrics."""
+    ds, model = tiny_synthetic, build_model("lr", tiny_synthetic.schema)
+    base = BASE.replace(max_epochs=5, patience=1, reduce_lr_factor=0.0, lr=3e-3)
+    cfgs = [base.replace(seed=1), base.replace(seed=2, lr=0.0), base.replace(seed=3),
+            base.replace(seed=4, lr=0.0)]
+    quiet = dict(log=lambda s: None, progress=False)
+    whole = fit_sweep(model, ds, cfgs, **quiet)
+
+    def kill_at_3(epoch, state, held, active):
+        if epoch == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        fit_sweep(model, ds, cfgs, checkpoint_dir=tmp_path, on_epoch=kill_at_3, **quiet)
+    logs, held_log = [], []
+    resumed = fit_sweep(model, ds, cfgs, checkpoint_dir=tmp_path, resume=True, log=logs.append,
+                        progress=False, on_epoch=lambda e, state, held, active: held_log.append((e, held.tolist())))
+    assert any("resumed after epoch 2" in line for line in logs)
+    assert held_log[0] == (3, [0, 2])  # continued in the compacted program
+    assert [r.result.epochs for r in resumed] == [5, 2, 5, 2]
+    for a, b in zip(whole, resumed):
+        assert (a.status, a.result.best_epoch, a.result.epochs) == (b.status, b.result.best_epoch, b.result.epochs)
+        assert [h["valid_auc"] for h in a.result.history] == pytest.approx([h["valid_auc"] for h in b.result.history], abs=1e-6)
+        assert _max_diff(a.result.params, b.result.params) < 1e-6
+        assert abs(a.result.test["auc"] - b.result.test["auc"]) < 1e-6
+    # a finished sweep's last checkpoint only needs the test evaluation
+    again = fit_sweep(model, ds, cfgs, checkpoint_dir=tmp_path, resume=True, **quiet)
+    assert [r.result.test["auc"] for r in again] == pytest.approx([r.result.test["auc"] for r in resumed], abs=1e-9)
+
+
+def test_sweep_checkpoints_refuse_another_run(tiny_synthetic, tmp_path):
+    ds, model = tiny_synthetic, build_model("lr", tiny_synthetic.schema)
+    cfgs = [BASE.replace(seed=1, max_epochs=1), BASE.replace(seed=2, max_epochs=1)]
+    quiet = dict(log=lambda s: None, progress=False)
+    fit_sweep(model, ds, cfgs, checkpoint_dir=tmp_path, **quiet)
+    with pytest.raises(DpnError, match="already holds checkpoints"):
+        fit_sweep(model, ds, cfgs, checkpoint_dir=tmp_path, **quiet)
+    with pytest.raises(DpnError, match="different run.*seed=3"):
+        fit_sweep(model, ds, [cfgs[0], cfgs[1].replace(seed=3)], checkpoint_dir=tmp_path, resume=True, **quiet)
+    # resume without any checkpoint yet: a fresh start
+    assert fit_sweep(model, ds, cfgs, checkpoint_dir=tmp_path / "new", resume=True, **quiet)[0].status == "done"
+
+
 def test_min_epochs_holds_early_stop_and_lr_cuts_in_fit_and_sweep(tiny_synthetic):
     """lr = 0 never improves after epoch 1: with patience 1 the run stops after epoch 2, with
     min_epochs 4 after epoch 4, its learning rate uncut until then (fit and sweep alike)."""
@@ -160,6 +210,7 @@ def test_run_sweep_groups_by_shape_and_resumes(tiny_synthetic, tmp_path, monkeyp
     text = (tmp_path / "sweep.md").read_text()
     assert "`embedding_dim=4 lr=1e-3`" in text and "±" in text
     assert len(json.loads((tmp_path / "sweep.json").read_text())["replicas"]) == 8
+    assert list((tmp_path / "checkpoints").iterdir()) == []  # each finished group's are removed
 
     calls.clear()  # a rerun reads both finished programs instead of training
     again = run_sweep("dnn", tiny_synthetic, seeds=[1, 2], grid=grid, sets=sets, out=tmp_path,

@@ -186,9 +186,19 @@ class Checkpoints:
             raise DpnError(f"checkpoint {position} was not written to {self.directory}")
         return self.directory / str(position)
 
-    def restore(self, state, run: dict, cfg: TrainConfig, defaults: dict | None = None) -> Resumed:
-        """The newest checkpoint, read into the structure (and placement) of the fresh ``state``;
-        ``defaults`` (:func:`run_defaults`) let a checkpoint predate a field left at its default."""
+    def progress(self) -> dict:
+        """The newest checkpoint's ``progress`` JSON (what a caller needs to shape its template)."""
+        step = self._mgr.latest_step()
+        try:
+            return self._mgr.restore(step, args=self._ocp.args.Composite(
+                progress=self._ocp.args.JsonRestore()))["progress"]
+        except Exception as err:  # orbax and tensorstore raise many kinds; all mean the same here
+            raise self._unreadable(self.directory / str(step), _reason(err)) from err
+
+    def restore_arrays(self, template: dict, run: dict, defaults: dict | None = None) -> tuple[dict, dict]:
+        """``(arrays, progress)`` of the newest checkpoint, after checking that ``run`` wrote it;
+        ``template``: ``{"state": ..., "best": ...}`` with the structure (and placement) to read
+        into; the arrays' checksum is verified."""
         args = self._ocp.args
         step = self._mgr.latest_step()
         path = self.directory / str(step)
@@ -202,7 +212,6 @@ class Checkpoints:
             raise DpnError(f"cannot resume from {path}: it was written by a different run ("
                            + "; ".join(diffs) + "). Resume with the same model, data and settings, "
                            "or run without --resume to start afresh (in a new --checkpoint-dir when you gave one)")
-        template = {"state": state, "best": jax.device_get({"params": state.params, "batch_stats": state.batch_stats})}
         try:
             arrays = self._mgr.restore(step, args=args.Composite(arrays=args.StandardRestore(
                 jax.tree.map(self._ocp.utils.to_shape_dtype_struct, template))))["arrays"]
@@ -210,6 +219,13 @@ class Checkpoints:
             raise self._unreadable(path, _reason(err)) from err
         if np.asarray(checksum(arrays)).tolist() != progress["checksum"]:
             raise self._unreadable(path, "its arrays do not match the checksum saved with them")
+        return arrays, progress
+
+    def restore(self, state, run: dict, cfg: TrainConfig, defaults: dict | None = None) -> Resumed:
+        """The newest checkpoint, read into the structure (and placement) of the fresh ``state``;
+        ``defaults`` (:func:`run_defaults`) let a checkpoint predate a field left at its default."""
+        template = {"state": state, "best": jax.device_get({"params": state.params, "batch_stats": state.batch_stats})}
+        arrays, progress = self.restore_arrays(template, run, defaults)
         best = None
         if progress["has_best"]:
             best = (arrays["best"]["params"], arrays["best"]["batch_stats"], progress["best_epoch"],

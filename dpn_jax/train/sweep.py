@@ -27,6 +27,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -37,7 +38,7 @@ import numpy as np
 from dpn_jax.data import batches, padded_batches
 from dpn_jax.data.schema import Dataset, Split, split_len
 from dpn_jax.errors import ConfigError, DpnError
-from dpn_jax.train import batchnorm
+from dpn_jax.train import batchnorm, sweep_checkpoint
 from dpn_jax.train.config import TrainConfig
 from dpn_jax.train.early_stopping import EarlyStopping
 from dpn_jax.train.loop import FitResult, _first_rows, monitor_score
@@ -132,7 +133,8 @@ def fit_sweep(model: nn.Module, data: Dataset, cfgs: Sequence[TrainConfig], *,
               log: Callable[[str], None] | None = None, progress: bool | None = None,
               dropouts: Sequence[float] | None = None, max_replicas: int | None = None,
               memory_budget: int | None = None,
-              on_epoch: Callable[[int, TrainState, np.ndarray, np.ndarray], None] | None = None
+              on_epoch: Callable[[int, TrainState, np.ndarray, np.ndarray], None] | None = None,
+              checkpoint_dir: str | Path | None = None, resume: bool = False,
               ) -> list[ReplicaResult]:
     """Train one replica per config in ``cfgs`` (same static options) as vmapped programs.
 
@@ -142,7 +144,9 @@ def fit_sweep(model: nn.Module, data: Dataset, cfgs: Sequence[TrainConfig], *,
     ``on_epoch(epoch, stacked_state, held, active)`` runs after each epoch's bookkeeping: the
     state's leading axis holds replicas ``held`` (indices into ``cfgs``; stopped replicas are
     dropped from it once fewer than ``COMPACT_BELOW`` of those held are active), and
-    ``active[k]`` says whether replica ``k`` still trains."""
+    ``active[k]`` says whether replica ``k`` still trains.
+    ``checkpoint_dir``: a checkpoint per chunk after every epoch (:mod:`dpn_jax.train.sweep_checkpoint`);
+    ``resume``: chunks with a checkpoint there continue after its epoch, the others start afresh."""
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     cfgs = list(cfgs)
     if not cfgs:
@@ -178,9 +182,12 @@ def fit_sweep(model: nn.Module, data: Dataset, cfgs: Sequence[TrainConfig], *,
             f"of at most {chunk} replicas")
     out: list[ReplicaResult] = []
     for start in range(0, len(cfgs), chunk):
-        out += _fit_chunk(model, data, cfgs[start:start + chunk], log=log, progress=progress,
+        part = cfgs[start:start + chunk]
+        ckpt = None if checkpoint_dir is None else sweep_checkpoint.open_chunk(
+            checkpoint_dir, start, start + len(part) - 1, resume)
+        out += _fit_chunk(model, data, part, log=log, progress=progress,
                           first=start, dropouts=None if dropouts is None else dropouts[start:start + chunk],
-                          on_epoch=on_epoch)
+                          on_epoch=on_epoch, ckpt=ckpt)
     return out
 
 
@@ -188,7 +195,7 @@ COMPACT_BELOW = 0.75  # drop stopped replicas from the program once fewer than t
 
 
 def _fit_chunk(model, data: Dataset, cfgs: list[TrainConfig], *, log, progress, first: int,
-               dropouts: list[float] | None, on_epoch=None) -> list[ReplicaResult]:
+               dropouts: list[float] | None, on_epoch=None, ckpt=None) -> list[ReplicaResult]:
     K, cfg0 = len(cfgs), cfgs[0]
     n_train = split_len(data.train)
     example = _first_rows(data.train, min(n_train, 8))
@@ -240,8 +247,21 @@ def _fit_chunk(model, data: Dataset, cfgs: list[TrainConfig], *, log, progress, 
     timed_samples = 0
     seen_shapes: set[tuple[int, int]] = set()
     label = f"replicas {first}-{first + K - 1}"
+    start_epoch = 1
+    if ckpt is not None:
+        run = sweep_checkpoint.sweep_metadata(
+            model, data, cfgs, [{"sweep": _describe(c), "dropout": None if dropouts is None else dropouts[k]}
+                                for k, c in enumerate(cfgs)], state)
+        if ckpt.path() is not None:
+            state, best, book = sweep_checkpoint.restore(ckpt, state, run)
+            pos, active = np.asarray(book["pos"], int), np.asarray(book["active"], bool)
+            status, messages, histories = book["status"], book["messages"], book["histories"]
+            stoppers = [EarlyStopping.for_config(c, saved) for c, saved in zip(cfgs, book["stoppers"])]
+            train_seconds, compile_seconds, timed_samples = book["timing"]
+            start_epoch = book["epoch"] + 1
+            log(f"sweep: {label} resumed after epoch {book['epoch']} from {ckpt.path()}")
     try:
-        for epoch in range(1, cfg0.max_epochs + 1):
+        for epoch in range(start_epoch, cfg0.max_epochs + 1):
             if not active.any():
                 break
             held = [cfgs[i] for i in pos]
@@ -333,6 +353,11 @@ def _fit_chunk(model, data: Dataset, cfgs: list[TrainConfig], *, log, progress, 
             if 0 < len(keep) < COMPACT_BELOW * len(pos):
                 state = jax.tree_util.tree_map(lambda x, keep=keep: x[keep], state)
                 pos = pos[keep]
+            if ckpt is not None:
+                sweep_checkpoint.save(ckpt, epoch, state, best, {
+                    "pos": pos.tolist(), "active": active.tolist(), "status": status, "messages": messages,
+                    "histories": histories, "stoppers": [st.state_dict() for st in stoppers],
+                    "timing": [train_seconds, compile_seconds, timed_samples]}, run)
     finally:
         bar.close()
 
