@@ -163,11 +163,17 @@ def _cmd_bench(args) -> int:
     except ValueError:
         raise ConfigError(f"--batches {args.batches!r}: expected comma-separated integers like 1,16,256") from None
     if args.latency:
+        from dpn_jax.benchmark.harness import machine
         from dpn_jax.serving.latency import bench_latency, device_name, format_table
 
         requests = args.requests or 300
         rows = bench_latency(_csv(args.models, "dnn,dpn"), batches, requests, args.bundle, log=log)
-        print(f"latency per request on {device_name()}, {requests} requests per cell\n{format_table(rows)}")
+        text = f"latency per request on {device_name()}, {requests} requests per cell\n{format_table(rows)}"
+        print(text)
+        if args.out:
+            command = "dpn-jax " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "python " + " ".join(sys.argv)
+            _write_out(args.out, f"# Serving latency\n\nCommand: `{command}`\n\nMachine: {machine()}\n\n{text}\n",
+                       {"rows": rows, "machine": machine(), "requests": requests, "command": command})
         return 0
     from dpn_jax.benchmark.harness import DEFAULT_MODELS, format_markdown, run_bench
 
@@ -183,11 +189,17 @@ def _cmd_bench(args) -> int:
     text = format_markdown(result, command)
     print(text)
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".md").write_text(text)
-        out.with_suffix(".json").write_text(json.dumps({**result, "command": command}, indent=1, default=str))
+        _write_out(args.out, text, {**result, "command": command})
     return 0
+
+
+def _write_out(out: str, markdown: str, record: dict) -> None:
+    """``OUT.md`` and ``OUT.json`` (suffixes appended: ``OUT`` may hold a dot, as in ``lr1e-3.5``)."""
+    out_path = Path(out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{out_path}.md").write_text(markdown)
+    Path(f"{out_path}.json").write_text(json.dumps(record, indent=1, default=str))
+    print(f"wrote {out_path}.md and {out_path}.json", file=sys.stderr)
 
 
 SERVING_COMMANDS = {"predict": _cmd_predict, "export": _cmd_export, "bench": _cmd_bench}

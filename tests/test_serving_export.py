@@ -145,13 +145,19 @@ def test_predict_command_errors_are_one_line(bundle: Path, tmp_path: Path, capsy
     assert "bundle.json not found" in capsys.readouterr().err
 
 
-def test_bench_latency_reports_a_table(capsys) -> None:
-    code = main(["bench", "--latency", "--models", "lr,fm", "--batches", "1,4", "--requests", "3"])
+def test_bench_latency_reports_a_table(capsys, tmp_path) -> None:
+    out_base = tmp_path / "lat.v1"  # a dot in the name must not eat the suffix
+    code = main(["bench", "--latency", "--models", "lr,fm", "--batches", "1,4", "--requests", "3",
+                 "--out", str(out_base)])
     assert code == 0
     out = capsys.readouterr().out
     lines = [ln for ln in out.splitlines() if ln.startswith("| ") and "model" not in ln]
     cells = [tuple(c.strip() for c in ln.strip("|").split("|")[:3]) for ln in lines]
     assert cells == [(m, b, p) for m in ("lr", "fm") for b in ("1", "4") for p in ("jit", "exported")]
+    written = (tmp_path / "lat.v1.md").read_text()
+    assert "Command: `" in written and "| lr | 1 | jit |" in written and "Machine:" in written
+    record = json.loads((tmp_path / "lat.v1.json").read_text())
+    assert [(r["model"], r["batch"], r["path"]) for r in record["rows"]] == [(m, int(b), p) for m, b, p in cells]
     assert main(["bench", "--latency", "--models", "nosuch"]) == 2
 
 
