@@ -171,9 +171,9 @@ def _cmd_bench(args) -> int:
         text = f"latency per request on {device_name()}, {requests} requests per cell\n{format_table(rows)}"
         print(text)
         if args.out:
-            command = "dpn-jax " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "python " + " ".join(sys.argv)
-            _write_out(args.out, f"# Serving latency\n\nCommand: `{command}`\n\nMachine: {machine()}\n\n{text}\n",
-                       {"rows": rows, "machine": machine(), "requests": requests, "command": command})
+            command, host = _bench_command(), machine()
+            _write_out(args.out, f"# Serving latency\n\nCommand: `{command}`\n\nMachine: {host}\n\n{text}\n",
+                       {"rows": rows, "machine": host, "requests": requests, "command": command})
         return 0
     from dpn_jax.benchmark.harness import DEFAULT_MODELS, format_markdown, run_bench
 
@@ -185,12 +185,17 @@ def _cmd_bench(args) -> int:
                        grad_clip=args.grad_clip, latency_batches=batches, requests=args.requests or 50,
                        replicas=args.replicas, scan=args.scan,
                        matmul_dtypes=_csv(args.matmul_dtypes, "float32"), rounds=args.rounds, log=log)
-    command = "dpn-jax " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "python " + " ".join(sys.argv)
+    command = _bench_command()
     text = format_markdown(result, command)
     print(text)
     if args.out:
         _write_out(args.out, text, {**result, "command": command})
     return 0
+
+
+def _bench_command() -> str:
+    """The command line that ran, as written into the results."""
+    return "dpn-jax " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "python " + " ".join(sys.argv)
 
 
 def _write_out(out: str, markdown: str, record: dict) -> None:

@@ -98,10 +98,11 @@ def main(argv: list[str] | None = None, command: str | None = None) -> int:
     for run in args.run:
         model, *sets = run.split()
         sets = [*args.protocol, *sets]
-        paths = {seed: out / "runs" / f"{slug(' '.join([model, *sets]))}-{seed}.json" for seed in seeds}
+        name = slug(" ".join([model, *sets]))
+        paths = {seed: out / "runs" / f"{name}-{seed}.json" for seed in seeds}
         missing = [seed for seed in seeds if not paths[seed].exists()]
         t0 = time.perf_counter()
-        fresh = []
+        fresh, ckpt = [], None
         if args.report_only:
             missing = []
         if missing and args.sequential:
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None, command: str | None = None) -> int:
         elif missing:
             if dataset is None:
                 dataset = load_dataset(args.data, data_dir=args.data_dir, **data_options)
-            ckpt = out / "checkpoints" / f"{slug(' '.join([model, *sets]))}-{'_'.join(map(str, missing))}"
+            ckpt = out / "checkpoints" / f"{name}-{'_'.join(map(str, missing))}"
             fresh = train_seeds(model, dataset, missing, sets, data_name=args.data, progress=False,
                                 log=lambda s, run=run: print(f"{run}: {s}", file=sys.stderr, flush=True),
                                 checkpoint_dir=ckpt)
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None, command: str | None = None) -> int:
             paths[r["seed"]].write_text(json.dumps(r, indent=1))
             print(f"{run} seed {r['seed']}: test auc {r['test_auc']:.4f} logloss {r['test_logloss']:.4f} "
                   f"({time.perf_counter() - t0:.0f}s for {len(missing)} seeds)", file=sys.stderr, flush=True)
-        if fresh and not args.sequential:
+        if ckpt is not None:
             shutil.rmtree(ckpt, ignore_errors=True)  # every seed's result is written
         done = [seed for seed in seeds if paths[seed].exists()]
         if not done:

@@ -52,9 +52,9 @@ def _stacked_best(best: list, template: Any) -> Any:
 def save(ckpt: Checkpoints, epoch: int, state, best: list, book: dict, run: dict) -> Path:
     """Checkpoint ``epoch`` of a chunk: ``state`` (held replicas), ``best`` (per replica
     ``(params, batch_stats, epoch, valid)`` or None) and the bookkeeping ``book`` (JSON)."""
-    host = jax.device_get((state.params, state.batch_stats))
-    params = _stacked_best([None if b is None else b[0] for b in best], host[0])
-    stats = _stacked_best([None if b is None else b[1] for b in best], host[1])
+    # the state serves only for shapes and dtypes: nothing is copied off the device for it
+    params = _stacked_best([None if b is None else b[0] for b in best], state.params)
+    stats = _stacked_best([None if b is None else b[1] for b in best], state.batch_stats)
     book = dict(book, epoch=epoch, best=[None if b is None else [b[2], b[3]] for b in best])
     return ckpt.save(epoch, state, (params, stats, 0, {}), {"sweep": book}, run)
 
