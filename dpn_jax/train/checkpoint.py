@@ -138,16 +138,19 @@ class Checkpoints:
     """The checkpoints of one run in ``directory``.
 
     Opening checks the directory against ``resume``: resuming needs a checkpoint, and a fresh
-    run refuses to mix its checkpoints with an earlier run's."""
+    run refuses to mix its checkpoints with an earlier run's; ``resume="if_any"`` continues the
+    checkpoints there are and starts afresh where there are none (a sweep's chunks)."""
 
-    def __init__(self, directory: str | Path, *, resume: bool):
+    def __init__(self, directory: str | Path, *, resume: bool | str):
         import orbax.checkpoint as ocp  # imported only by runs that checkpoint: it is slow to import
 
         self._ocp = ocp
         self.directory = Path(directory).expanduser().absolute()
         if self.directory.exists() and not self.directory.is_dir():
             raise DpnError(f"checkpoint directory {self.directory} is a file; choose a directory")
-        if resume and not self.directory.is_dir():
+        if resume not in (True, False, "if_any"):
+            raise ValueError(f"resume={resume!r}; expected True, False or 'if_any'")
+        if resume is True and not self.directory.is_dir():
             raise DpnError(f"no checkpoint to resume: {self.directory} does not exist; run without "
                            "--resume to start training, or point --checkpoint-dir at the earlier run's")
         try:
@@ -156,6 +159,8 @@ class Checkpoints:
         except OSError as err:
             raise DpnError(f"cannot use checkpoint directory {self.directory}: {err}") from None
         latest = self.path()
+        if resume == "if_any":
+            resume = latest is not None
         if resume and latest is None:
             raise DpnError(f"no checkpoint to resume in {self.directory}: run without --resume to "
                            "start training, or point --checkpoint-dir at the earlier run's checkpoints")

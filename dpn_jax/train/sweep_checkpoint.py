@@ -21,16 +21,10 @@ import numpy as np
 from dpn_jax.train.checkpoint import Checkpoints, run_metadata
 
 
-def has_checkpoint(directory: Path) -> bool:
-    """Whether ``directory`` holds a finished checkpoint step (Orbax names steps by number)."""
-    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
-
-
 def open_chunk(checkpoint_dir: str | Path, first: int, last: int, resume: bool) -> Checkpoints:
     """The checkpoints of replicas ``first..last``: continued when ``resume`` and there are some,
     else a fresh directory (which refuses an earlier run's checkpoints unless ``resume``)."""
-    directory = Path(checkpoint_dir) / f"replicas_{first}-{last}"
-    return Checkpoints(directory, resume=resume and has_checkpoint(directory))
+    return Checkpoints(Path(checkpoint_dir) / f"replicas_{first}-{last}", resume="if_any" if resume else False)
 
 
 def sweep_metadata(model, data, cfgs, replicas: list[dict], state) -> dict:
