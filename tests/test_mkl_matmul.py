@@ -58,7 +58,7 @@ class TestMklMatmul(chex.TestCase):
 
 @needs_mkl
 @pytest.mark.parametrize("name", ["dnn", "dcnv2", "dpn"])
-def test_model_with_mkl_products_equals_xlabf16(tiny_synthetic, name):
+def test_model_with_mkl_products_equals_xla_bf16(tiny_synthetic, name):
     batch = {k: jnp.asarray(v[:64]) for k, v in tiny_synthetic.train.items()}
     xla = build_model(name, tiny_synthetic.schema, embedding_dim=4, hidden=(16, 8), matmul_dtype="bfloat16")
     mkl = build_model(name, tiny_synthetic.schema, embedding_dim=4, hidden=(16, 8), matmul_dtype="bfloat16_mkl")

@@ -77,7 +77,7 @@ def test_model_with_bf16_products_matches_float32_closely(tiny_synthetic, name):
         np.testing.assert_allclose(x, y, rtol=0.1, atol=0.1 * float(np.abs(y).max()) + 1e-12)
 
 
-def test_dcnv2_cross_layer_products_inbf16():
+def test_dcnv2_cross_layer_products_in_bf16():
     from dpn_jax.nn.cross_layers import CrossLayerV2
 
     rng = np.random.default_rng(3)
@@ -89,7 +89,7 @@ def test_dcnv2_cross_layer_products_inbf16():
                                rtol=1e-5, atol=1e-5)
 
 
-def test_lowrank_generator_product_inbf16():
+def test_lowrank_generator_product_in_bf16():
     """dpo.lowrank(matmul=bf16_matmul): W(z)x + b(z) with the fused product on bf16-rounded x
     and [ḃ | Ẇ_1..Ẇ_r]; coefficients and bias stay float32."""
     from dpn_jax import dpo
