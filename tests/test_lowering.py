@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +20,7 @@ from dpn_jax.cli import main
 from dpn_jax.data.schema import FieldInfo, Schema
 from dpn_jax.errors import ConfigError
 from dpn_jax.models import available_models, build_model, model_options
+from dpn_jax.models.registry import get_model_class
 from dpn_jax.serving.exported import EXPORT_JSON, EXPORT_PROGRAM
 from dpn_jax.train.backend import check_options_for_backend
 from dpn_jax.train.config import TrainConfig
@@ -46,6 +46,10 @@ def batch_spec(schema: Schema) -> dict[str, jax.ShapeDtypeStruct]:
     return spec
 
 
+def shapes(avals) -> list:
+    return [(tuple(a.shape), jnp.dtype(a.dtype)) for a in avals]
+
+
 @dataclasses.dataclass
 class Case:
     """A model with its optimiser and the shapes of its train state (never allocated)."""
@@ -57,7 +61,8 @@ class Case:
     batch: dict
 
     @classmethod
-    def build(cls, name: str, cfg: TrainConfig = TrainConfig(), **model_kw) -> Case:
+    def build(cls, name: str, cfg: TrainConfig | None = None, **model_kw) -> Case:
+        cfg = cfg or TrainConfig()
         schema = lowering_schema()
         model = build_model(name, schema, **model_kw)
         tx = make_optimizer(cfg)
@@ -71,7 +76,7 @@ class Case:
         exp = export.export(step, platforms=platforms)(self.state, self.batch)
         expected = jax.eval_shape(step, self.state, self.batch)  # (new state, loss)
         assert exp.platforms == tuple(platforms)
-        assert exp.out_avals == tuple(jax.core.ShapedArray(x.shape, x.dtype) for x in jax.tree.leaves(expected))
+        assert shapes(exp.out_avals) == shapes(jax.tree.leaves(expected))
         assert exp.out_avals[-1].shape == ()  # the loss
         return exp
 
@@ -79,17 +84,22 @@ class Case:
         predict = jax.jit(make_predict(self.model))
         exp = export.export(predict, platforms=platforms)(self.state.params, self.state.batch_stats, self.batch)
         assert exp.platforms == tuple(platforms)
-        assert exp.out_avals == (jax.core.ShapedArray((BATCH,), jnp.float32),)  # one logit per row
+        assert shapes(exp.out_avals) == [((BATCH,), jnp.float32)]  # one logit per row
         return exp
 
 
-def _family(name: str) -> str:
-    from dpn_jax.models.registry import get_model_class
+def models_by_family() -> list:
+    """Every model; the first of each family (its module) in the fast lane, the others ``slow``
+    (still in the default suite)."""
+    seen, out = set(), []
+    for name in available_models():
+        family = get_model_class(name).__module__
+        out.append(pytest.param(name, marks=() if family not in seen else pytest.mark.slow))
+        seen.add(family)
+    return out
 
-    return get_model_class(name).__module__
 
-
-@pytest.fixture(scope="module", params=available_models())
+@pytest.fixture(scope="module", params=models_by_family())
 def case(request) -> Case:
     """One per model (default options, default optimiser), shared by its train and eval tests."""
     return Case.build(request.param)
@@ -105,7 +115,8 @@ def test_eval_step_lowers_for_gpu_and_tpu(case: Case) -> None:
     assert export.deserialize(exp.serialize()).platforms == PLATFORMS
 
 
-@pytest.mark.parametrize("name", ["dnn", "din", "dpn", "bst_dpo"])
+@pytest.mark.parametrize("name", ["dnn", "din", *(pytest.param(m, marks=pytest.mark.slow)
+                                                 for m in ("dpn", "bst_dpo"))])
 def test_lazy_adam_train_step_lowers_for_gpu_and_tpu(name: str) -> None:
     """Lazy Adam's gathers and scatters (kernel ``xla``, the default) on a tabular model and on
     behaviour models whose histories share their targets' rows."""
@@ -117,7 +128,8 @@ def test_lazy_adam_train_step_lowers_for_gpu_and_tpu(name: str) -> None:
 BF16_MODELS = [m for m in available_models() if "matmul_dtype" in model_options(m)]
 
 
-@pytest.mark.parametrize("name", BF16_MODELS)
+@pytest.mark.parametrize("name", [m if m == "dnn" else pytest.param(m, marks=pytest.mark.slow)
+                                  for m in BF16_MODELS])
 def test_bfloat16_products_lower_for_gpu_and_tpu_and_keep_the_cpu_layout(name: str) -> None:
     """``matmul_dtype=bfloat16``: the weight gradient's row-major ``xᵀ`` is a CPU remedy whose
     ``LayoutConstraint`` custom call cannot be exported; it stays in the CPU lowering only."""
@@ -129,8 +141,9 @@ def test_bfloat16_products_lower_for_gpu_and_tpu_and_keep_the_cpu_layout(name: s
     assert "LayoutConstraint" in step.trace(case.state, case.batch).lower(lowering_platforms=("cpu",)).as_text()
 
 
-def test_bfloat16_lazy_adam_sweep_step_lowers(tmp_path: Path) -> None:
-    """The combination a GPU sweep would run: bfloat16 products, lazy Adam, replicas vmapped."""
+def test_vmapped_bfloat16_lazy_adam_step_lowers() -> None:
+    """bfloat16 products, lazy Adam and clipping in one step, replicas vmapped (as
+    ``dpn-jax bench --replicas`` runs them)."""
     case = Case.build("dnn", TrainConfig(optimizer="lazy_adam", grad_clip=1.0), matmul_dtype="bfloat16",
                       hidden=(16, 8))
     states = jax.tree.map(lambda x: jax.ShapeDtypeStruct((3, *x.shape), x.dtype), case.state)
@@ -152,7 +165,8 @@ CPU_ONLY = [
 
 
 @pytest.mark.parametrize("backend", ["gpu", "tpu"])
-@pytest.mark.parametrize(("train_kw", "model_kw", "message"), CPU_ONLY)
+@pytest.mark.parametrize(("train_kw", "model_kw", "message"), CPU_ONLY,
+                         ids=["lazy_adam_kernel=native", "matmul_dtype=bfloat16_mkl"])
 def test_cpu_only_options_are_refused_off_cpu(train_kw, model_kw, message, backend) -> None:
     with pytest.raises(ConfigError) as err:
         check_options_for_backend(TrainConfig(**train_kw), model_kw, backend=backend)
@@ -183,7 +197,7 @@ def gpu_backend(monkeypatch):
 @pytest.mark.parametrize(("sets", "option"), [
     (["optimizer=lazy_adam", "lazy_adam_kernel=native"], "lazy_adam_kernel=native"),
     (["matmul_dtype=bfloat16_mkl"], "matmul_dtype=bfloat16_mkl"),
-])
+], ids=["lazy_adam_kernel=native", "matmul_dtype=bfloat16_mkl"])
 def test_train_refuses_cpu_only_options_on_gpu_in_one_line(gpu_backend, capsys, sets, option) -> None:
     argv = ["train", "--model", "dnn", "--data", "synthetic"]
     assert main([*argv, *(x for s in sets for x in ("--set", s))]) == 2
@@ -213,3 +227,15 @@ def test_export_of_a_trained_bundle_for_gpu_and_tpu(tmp_path_factory) -> None:
     assert exp.platforms == PLATFORMS
     assert [a.shape[1] for a in exp.in_avals] == [x["width"] for x in meta["inputs"]]
     assert len(exp.out_avals) == 1 and exp.out_avals[0].dtype == jnp.float32
+
+
+def test_fit_api_refuses_the_native_kernels_off_cpu_with_the_same_line(monkeypatch) -> None:
+    """``fit`` called directly (no runner) still refuses before tracing: the optimiser and the
+    MKL products check the backend when they are built."""
+    from dpn_jax.nn import mkl_matmul
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    with pytest.raises(ConfigError) as err:
+        make_optimizer(TrainConfig(optimizer="lazy_adam", lazy_adam_kernel="native"))
+    assert str(err.value) == CPU_ONLY[0][2].format("tpu")
+    assert mkl_matmul.unavailable_reason() == CPU_ONLY[1][2].format("tpu")
