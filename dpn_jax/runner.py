@@ -20,6 +20,7 @@ import dpn_jax
 from dpn_jax.data import load_dataset
 from dpn_jax.errors import ConfigError
 from dpn_jax.models import build_model, model_options
+from dpn_jax.train.backend import check_options_for_backend
 from dpn_jax.train.config import TrainConfig, split_overrides
 from dpn_jax.train.loop import fit
 from dpn_jax.train.sharding import describe as describe_mesh
@@ -87,6 +88,7 @@ def run_train(model: str, data: str, *, seed: int = 2021, sets: Sequence[str] = 
     opts = model_options(model)
     train_kw, model_kw = split_overrides(list(sets), opts, model)  # validate before loading data
     cfg = TrainConfig(seed=seed, **train_kw)
+    check_options_for_backend(cfg, model_kw)  # a CPU-only kernel on a GPU/TPU fails here
     checkpoint_dir = _checkpoint_dir(checkpoint_dir, out, resume, log)
     device_mesh = make_mesh(mesh) if mesh is not None else None  # a bad --mesh fails before loading data
     if device_mesh is not None:

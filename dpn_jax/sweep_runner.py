@@ -26,6 +26,7 @@ from dpn_jax.data import load_dataset
 from dpn_jax.errors import ConfigError
 from dpn_jax.models import build_model, model_options
 from dpn_jax.runner import _jsonable, versions
+from dpn_jax.train.backend import check_options_for_backend
 from dpn_jax.train.config import TrainConfig, split_overrides
 from dpn_jax.train.sweep import fit_sweep, static_key
 
@@ -81,6 +82,7 @@ def configurations(model: str, grid: dict[str, list[str]], sets: Sequence[str]) 
     for values in itertools.product(*grid.values()):
         pairs = [f"{k}={v}" for k, v in zip(grid, values)]
         train_kw, model_kw = split_overrides([*sets, *pairs], opts, model)  # typed + validated
+        check_options_for_backend(TrainConfig(**train_kw), model_kw)
         out.append(Configuration(" ".join(pairs) or "defaults", train_kw, model_kw))
     return out
 
@@ -221,6 +223,7 @@ def train_seeds(model: str, dataset, seeds: Sequence[int], sets: Sequence[str] =
     an interruption (``train_seconds`` then counts this call's wall time only)."""
     opts = model_options(model)
     train_kw, model_kw = split_overrides(list(sets), opts, model)
+    check_options_for_backend(TrainConfig(**train_kw), model_kw)
     net = build_model(model, dataset.schema, **model_kw)
     cfgs = [TrainConfig(**{**train_kw, "seed": s}) for s in seeds]
     t0 = time.perf_counter()

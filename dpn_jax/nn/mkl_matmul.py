@@ -32,6 +32,7 @@ from dpn_jax.nn.precision import bf16_matmul_with
 
 TARGET = "dpn_jax_bf16_gemm"
 OPTION = "matmul_dtype=bfloat16_mkl"
+PORTABLE = "matmul_dtype=bfloat16"  # the same products by XLA, on any backend
 
 
 def _mkl_candidates() -> list[str]:
@@ -70,7 +71,7 @@ def load() -> None:
 
 def unavailable_reason() -> str | None:
     """None when the MKL products can run here, else why not."""
-    reason = native.cpu_only(OPTION)
+    reason = native.cpu_only(OPTION, PORTABLE)
     if reason:
         return reason
     try:
