@@ -22,8 +22,7 @@ bias, so a fresh DPO is a well-initialised dense layer.  The *dynamic* part is s
 unit-variance ``x`` and ``z``, its output has std ``≈ dynamic_scale · sqrt(E[h²])`` of the static one
 (default 0.25; ReLU's ``E[h²] = 1/2`` gives ≈0.18).  The dynamic bias weights start at zero (like
 ``Dense``'s bias): they still receive gradient ``h·δ``.  Output variance at init is then
-``1 + O(dynamic_scale²)`` times a Dense layer's (measured 1.01-1.09 across the families), so the
-same learning rate is safe.  All random draws are ±2σ truncated normals rescaled to the stated std,
+``1 + O(dynamic_scale²)`` times a Dense layer's, so the same learning rate is safe.  All random draws are ±2σ truncated normals rescaled to the stated std,
 made in ONE call per init (see :func:`draw`).
 """
 

@@ -205,8 +205,7 @@ def query_behaviour_apply(gen: WeightGenerator, params: Any, x: Array, q: Array,
     steps (``O(B·L·m·n)``); ``False`` is the fused form of the generator (coefficients ``κ(q)``
     broadcast to the steps, ``O(B·L·K·m·n)`` for a ``K``-term basis, no ``[B,n,m]`` kernel).
     ``None`` (default) materialises when the sequence is longer than one step (fewer FLOPs for
-    ``L > 1``; with DIN's features as well, the ``din_dpo`` train step at batch 1024, L = 50,
-    rank 4 went from 175 to 148 ms on 2 CPU cores).
+    ``L > 1``; timings in docs/results/speed.md, §'Behaviour models').
     """
     chex.assert_rank([x, q], [3, 2])
     chex.assert_equal_shape_prefix([x, q], 1)

@@ -60,13 +60,10 @@ class FeatureDPO(nn.Module):
     (static part LeCun-initialised, dynamic part ``dynamic_scale`` of it).
 
     ``context_norm``: ``z`` passes a LayerNorm (learned scale and shift) before the generator.
-    A context of fresh CTR embeddings (std 1e-4) generates ~1e-5 of the static output; normalised,
-    ~1e-2 (LayerNorm's epsilon 1e-6 caps a 1e-4 context at std ~0.1) and ``dynamic_scale`` of it
-    once the context is >~1e-2.  Default False: measured on ``dpn`` (3 seeds), the normalised
-    context LOST test AUC, 0.9322 vs 0.9368 on Frappe and 0.7926 vs 0.8024 on ``synthetic`` with
-    a planted context, and a fully normalising epsilon (1e-12) did no better (0.7931); the raw
-    context grows with the embeddings in training, and LayerNorm discards each instance's
-    embedding scale.  The field DPO needs it (``FieldDPO``, ``dpn_field``).
+    Default False: on ``dpn`` the normalised context lost test AUC (the raw context grows with the
+    embeddings in training; LayerNorm discards each instance's embedding scale), see
+    docs/results/feature_models.md, §'Measurements behind the DPN defaults'.  The field DPO needs
+    it (``FieldDPO``, ``dpn_field``).
     """
 
     features: int

@@ -100,10 +100,8 @@ class QueryBehaviourDPO(nn.Module):
 
     ``context_norm`` (default True): the query passes a LayerNorm (learned scale and shift) before
     the generator.  The generators' initialisation assumes a unit-scale context, while a query
-    made of fresh CTR embeddings (std 1e-4) leaves the generated part ~1e-5 of the static one:
-    measured, DIN-DPO then trained to the same test AUC and logloss as DIN to 4 decimals on
-    amazon_instruments -- the DPO was dead.  Normalised, it starts ~1e3 times larger (LayerNorm's
-    epsilon 1e-6 caps a 1e-4 query at std ~0.1) and reaches ``dynamic_scale`` as the embeddings grow.
+    made of fresh CTR embeddings (std 1e-4) leaves the generated part ~1e-5 of the static one
+    (docs/results/behaviour_models.md, §'Why the query is normalised before the generator').
     """
 
     features: int
