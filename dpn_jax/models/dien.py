@@ -220,7 +220,7 @@ class DIENDPO(DIEN):
     """DIEN armed with the heterogeneous query-behaviour DPO in its attention unit (Table 5,
     "DPO-armed DIEN").
 
-    Paper §2.4/§3.2 (NOTES §5): the first layer of the attention MLP that scores the interest
+    Paper §2.4/§3.2 (docs/dpo_math.md, §'Heterogeneous query-behaviour DPO'): the first layer of the attention MLP that scores the interest
     states becomes ``W(q) x_i + b(q)``, its kernel generated from the target ``q`` (``generator``
     lowrank = Eqn. 5, rank 4, or any of ``dpn_jax.dpo.GENERATORS``; ``heads``, ``num_kernels``).
     ``dpo_input="features"`` (default) applies it to DIN's ``[q, h_i, q−h_i, q⊙h_i]`` (its static

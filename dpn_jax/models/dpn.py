@@ -86,7 +86,7 @@ def dpn_tower(m: nn.Module, e: jnp.ndarray, train: bool, *, generator_heads: int
 class DPN(nn.Module):
     """Feature-based DPN ("DyMLP"): the DNN with DPO layers y = W(z)x + b(z) in place of dense ones.
 
-    Paper §2.2-2.3 and Table 2 (NOTES §3): the first fully connected layer (``dpo_layers``:
+    Paper §2.2-2.3 and Table 2 (docs/dpo_math.md, §'Feature-based DPO'): the first fully connected layer (``dpo_layers``:
     first | second | all | "1,3") becomes a dynamic parameterized operation whose kernel is
     generated per instance from a context (``context``: ``input`` = the flattened embeddings,
     ``other_fields`` = each field block's kernel from the other fields, or comma-separated field
@@ -146,7 +146,7 @@ class _FieldInteraction(nn.Module):
 class DPNField(nn.Module):
     """Field-based DPN alone: field DPO y_i = f(x_i; g(z)) over field embeddings -> output layer.
 
-    Paper §2.3 (NOTES §4), Table 1's single-module form: ``aggregation`` sum (default:
+    Paper §2.3 (docs/dpo_math.md, §'Field-based DPO'), Table 1's single-module form: ``aggregation`` sum (default:
     y_i = Σ_j g(z_j) x_i) | self (y_i = g(x_i) x_i) | attentive | concat; low-rank generator
     (rank 4) shared by the fields; ``layers`` stacked field DPOs, each with the original
     embeddings as context; a linear term as in FM-style models.

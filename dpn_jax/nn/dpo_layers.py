@@ -1,4 +1,4 @@
-"""Flax Linen wrappers of the DPO (paper §2.2-2.3; NOTES §3-4).
+"""Flax Linen wrappers of the DPO (paper §2.2-2.3; docs/dpo_math.md, §'Feature-based DPO' and §'Field-based DPO').
 
 The modules only own parameters; every formula lives in the pure functions of :mod:`dpn_jax.dpo`.
 Each field of the generator's parameter NamedTuple becomes one Flax param (nested fields are joined
@@ -53,7 +53,7 @@ def normalise_context(z: Array, enabled: bool, param_dtype: Any = jnp.float32) -
 
 
 class FeatureDPO(nn.Module):
-    """Feature-based DPO ("DyMLP", NOTES §3): ``y = W(z) x + b(z)``, ``x [B,m], z [B,c] -> [B,features]``.
+    """Feature-based DPO ("DyMLP", docs/dpo_math.md, §'Feature-based DPO'): ``y = W(z) x + b(z)``, ``x [B,m], z [B,c] -> [B,features]``.
 
     ``generator``: one of ``dpn_jax.dpo.GENERATORS`` (``"lowrank"`` = Eqn. 5, the default;
     ``heads > 1`` makes it multi-head).  A fresh layer behaves like ``nn.Dense(features)``
@@ -97,7 +97,7 @@ class FeatureDPO(nn.Module):
 
 
 class FieldDPO(nn.Module):
-    """Field-based DPO (NOTES §4): ``x [B,F,d], z [B,F,c] (default x) -> [B,F,features or d]``.
+    """Field-based DPO (docs/dpo_math.md, §'Field-based DPO'): ``x [B,F,d], z [B,F,c] (default x) -> [B,F,features or d]``.
 
     ``aggregation``: ``"self"`` ``y_i = g(z_i)x_i``, ``"sum"`` ``Σ_j g(z_j)x_i`` (``exclude_self``
     drops ``j = i``), ``"attentive"`` ``Σ_j a_ij g(z_j)x_i`` (``a`` from ``scores`` if given, else a
