@@ -7,9 +7,9 @@ bounded memory by :mod:`dpn_jax.data.stream` into the dataset cache.
 =======================  ======================================  ==========================  =======
 name                     files in ``<data dir>/<folder>/``       split                       fields
 =======================  ======================================  ==========================  =======
-``criteo``               ``criteo/train.txt`` (Kaggle raw TSV)    random 7:2:1 (AFN), seeded  39
+``criteo``               ``criteo/train.txt`` (Kaggle raw TSV)   random 7:2:1 (AFN), seeded  39
 ``criteo_x1``            ``Criteo_x1/{train,valid,test}.csv``    BARS files (7:2:1, AFN)     39
-``avazu``                ``avazu/train.gz`` (Kaggle raw CSV)      random 7:1:2 (AFN), seeded  23
+``avazu``                ``avazu/train.gz`` (Kaggle raw CSV)     random 7:1:2 (AFN), seeded  23
 ``avazu_x1``             ``Avazu_x1/{train,valid,test}.csv``     BARS files (7:1:2, AFN)     22
 ``movielens_tag``        ``movielens_tag/ml-tag.*.libfm`` (NFM)  the NFM files               3
 ``movielens_latest_x1``  ``MovielensLatest_x1/*.csv``            BARS files (7:2:1, AFN)     3

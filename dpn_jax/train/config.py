@@ -39,7 +39,7 @@ class TrainConfig:
     reduce_lr_factor: float = 0.0  # multiply lr by this on a non-improving epoch; 0 = off
     min_lr: float = 1e-6
     # Re-estimate BatchNorm statistics from training batches before each evaluation: with
-    # ~13 steps per epoch, running averages still remember their initial values (NOTES §8).
+    # ~13 steps per epoch, running averages still remember their initial values (docs/results/protocol.md, §'BatchNorm statistics').
     bn_recalibrate: bool = True
     bn_recalibrate_batches: int = 32
     seed: int = 2021
