@@ -23,16 +23,18 @@ from numpy.typing import ArrayLike
 def fit_bucket_edges(x: ArrayLike, buckets: int) -> list[float]:
     """Edges of at most ``buckets`` buckets for the finite values of ``x`` (NaN/inf are ignored).
 
-    Rules, in order (``n`` finite train values, ``k`` of them distinct):
+    Rules (``n`` finite train values, ``k`` of them distinct):
 
     * no finite value: ``[]`` -- a field whose every value is missing (OOV);
     * ``k <= buckets``: one bucket per distinct value;
     * otherwise a *mass point* -- a value holding more than ``n / buckets`` rows -- gets a bucket
-      of its own, and each run of other values between mass points (a *rest run*) gets at
-      least one bucket; the buckets left over go to the rest runs one at a time, each to the
-      run whose buckets are currently the largest (rows per bucket, at most one per distinct
-      value), and a run is cut at the quantiles (``np.quantile``, linear) of its own values.
-      A column without mass points is one run: its cuts are the plain quantiles.
+      of its own, and each run of other values between mass points (a *rest run*) gets at least
+      one bucket; the buckets left over go to the rest runs one at a time, each to the run whose
+      buckets are currently the largest (rows per bucket). A run given ``r`` buckets is split by
+      the same rules with ``r`` for ``buckets`` (a value holding more than 1/r of the run is
+      alone), down to a run without such values, which is cut at the quantiles of its values
+      (``np.quantile``, linear). A column without mass points is one such run: its cuts are the
+      plain quantiles.
     * if mass points and rest runs together exceed ``buckets``, the smallest rest run shares
       the bucket of its smaller neighbouring mass point, until they fit;
     * a cut that would leave a bucket empty on the train values is dropped.
@@ -50,10 +52,12 @@ def fit_bucket_edges(x: ArrayLike, buckets: int) -> list[float]:
     if ok.size == 0:
         return []
     values, counts = np.unique(ok, return_counts=True)
-    if values.size <= buckets:
-        cuts = values[1:]
-    else:
-        cuts = _cuts(ok, values, counts, buckets)
+    start = np.concatenate([[0], np.cumsum(counts)])  # rows of values[i:j]: start[j] - start[i]
+    cuts = np.unique(np.asarray(_split(ok, values, start, 0, values.size, buckets), np.float64))
+    # A quantile cut with no train value in [c_k, c_{k+1}) leaves bucket k empty: drop it (the
+    # range joins the bucket below; the train rows keep their buckets).
+    first_row = np.searchsorted(ok, cuts, side="left")
+    cuts = cuts[np.append(first_row[1:], ok.size) > first_row]
     return [float(values[0]), *(float(c) for c in cuts), float(values[-1])]
 
 
@@ -74,51 +78,46 @@ def bucketize(x: ArrayLike, edges: Sequence[float], *, first: int = 0, missing: 
 # ----------------------------------------------------------------------------- fitting
 
 
-def _cuts(ok: np.ndarray, values: np.ndarray, counts: np.ndarray, buckets: int) -> np.ndarray:
-    """Cuts for sorted finite values ``ok`` with more distinct values than ``buckets``."""
-    n = ok.size
-    start = np.concatenate([[0], np.cumsum(counts)])  # rows of values[i:j] = start[j] - start[i]
-    mass = counts * buckets > n
-    # Segments [lo, hi) of distinct-value indices: a mass point alone, or a maximal rest run.
-    segs: list[list] = []  # [lo, hi, kind] with kind "mass" | "run" | "mixed"
-    for i in range(values.size):
-        if mass[i]:
+def _split(ok: np.ndarray, values: np.ndarray, start: np.ndarray, lo: int, hi: int,
+           budget: int) -> list[float]:
+    """Cuts above ``values[lo]`` that split the rows of ``values[lo:hi]`` into at most
+    ``budget`` buckets (the rules of :func:`fit_bucket_edges`)."""
+    if budget >= hi - lo:
+        return values[lo + 1 : hi].tolist()
+    if budget <= 1:
+        return []
+    rows = int(start[hi] - start[lo])
+    mass = np.diff(start[lo : hi + 1]) * budget > rows
+    if not mass.any():
+        q = np.quantile(ok[start[lo] : start[hi]], np.linspace(0.0, 1.0, budget + 1)[1:-1])
+        return q[q > values[lo]].tolist()
+    # Segments [a, b) of distinct-value indices: a mass point alone, or a maximal rest run.
+    segs: list[list] = []  # [a, b, kind], kind "mass" | "run" | "mixed"
+    for i in range(lo, hi):
+        if mass[i - lo]:
             segs.append([i, i + 1, "mass"])
         elif segs and segs[-1][2] == "run":
             segs[-1][1] = i + 1
         else:
             segs.append([i, i + 1, "run"])
 
-    def rows(s: list) -> int:
+    def size(s: list) -> int:
         return int(start[s[1]] - start[s[0]])
 
-    while len(segs) > buckets:  # more mass points + runs than buckets: merge the smallest run
-        j = min((j for j, s in enumerate(segs) if s[2] == "run"), key=lambda j: (rows(segs[j]), j))
-        nb = [t for t in (j - 1, j + 1) if 0 <= t < len(segs)]
-        t = min(nb, key=lambda t: (rows(segs[t]), t))
-        lo, hi = min(segs[j][0], segs[t][0]), max(segs[j][1], segs[t][1])
-        segs[min(j, t)] = [lo, hi, "mixed"]
+    while len(segs) > budget:  # more mass points + runs than buckets: merge the smallest run
+        j = min((j for j, s in enumerate(segs) if s[2] == "run"), key=lambda j: (size(segs[j]), j))
+        t = min((t for t in (j - 1, j + 1) if 0 <= t < len(segs)), key=lambda t: (size(segs[t]), t))
+        segs[min(j, t)] = [min(segs[j][0], segs[t][0]), max(segs[j][1], segs[t][1]), "mixed"]
         del segs[max(j, t)]
-
     runs = [j for j, s in enumerate(segs) if s[2] == "run"]
     alloc = dict.fromkeys(runs, 1)
-    for _ in range(buckets - len(segs)):
+    for _ in range(budget - len(segs)):
         open_ = [j for j in runs if alloc[j] < segs[j][1] - segs[j][0]]
         if not open_:
             break
-        j = max(open_, key=lambda j: (rows(segs[j]) / alloc[j], -j))
+        j = max(open_, key=lambda j: (size(segs[j]) / alloc[j], -j))
         alloc[j] += 1
-
-    cuts = [values[s[0]] for s in segs[1:]]  # every segment starts a bucket
+    cuts = [float(values[s[0]]) for s in segs[1:]]  # every segment starts a bucket
     for j in runs:
-        lo, hi = segs[j][0], segs[j][1]
-        if alloc[j] >= hi - lo:
-            cuts.extend(values[lo + 1 : hi])
-        elif alloc[j] > 1:
-            q = np.quantile(ok[start[lo] : start[hi]], np.linspace(0.0, 1.0, alloc[j] + 1)[1:-1])
-            cuts.extend(q[q > values[lo]])
-    c = np.unique(np.asarray(cuts, dtype=np.float64))
-    # A cut between two train values with none in [c_k, c_{k+1}) leaves bucket k empty: drop it
-    # (the range joins the bucket below; train rows keep their bucket contents).
-    first_row = np.searchsorted(ok, c, side="left")
-    return c[np.append(first_row[1:], n) > first_row]
+        cuts += _split(ok, values, start, segs[j][0], segs[j][1], alloc[j])
+    return cuts
