@@ -18,6 +18,7 @@ from flax import serialization
 
 import dpn_jax
 from dpn_jax.data import load_dataset
+from dpn_jax.data.encode import bucket_notes
 from dpn_jax.errors import ConfigError
 from dpn_jax.models import build_model, model_options
 from dpn_jax.train.backend import check_options_for_backend
@@ -97,6 +98,8 @@ def run_train(model: str, data: str, *, seed: int = 2021, sets: Sequence[str] = 
     t0 = time.perf_counter()
     dataset = load_dataset(data, data_dir=data_dir, cache_dir=cache_dir)
     log(f"data  {dataset.summary()}  (loaded in {time.perf_counter() - t0:.1f}s)")
+    for line in bucket_notes(dataset.meta):
+        log(line)
     for split, counts in (dataset.meta.get("oov_counts") or {}).items():
         unseen = {k: int(v) for k, v in counts.items() if v}
         if unseen:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from dpn_jax.data import load_dataset
+from dpn_jax.data.encode import bucket_notes
 from dpn_jax.errors import ConfigError
 from dpn_jax.models import build_model, model_options
 from dpn_jax.runner import _jsonable, versions
@@ -138,6 +139,8 @@ def run_sweep(model: str, data, *, seeds: Sequence[int], grid: dict[str, list[st
         if dataset is None:
             dataset = load_dataset(data, data_dir=data_dir, cache_dir=cache_dir)
             log(f"data  {dataset.summary()}")
+            for line in bucket_notes(dataset.meta):
+                log(line)
         first = members[0]
         model_kw = {k: v for k, v in first.model_kw.items() if not (swept_dropout and k == "dropout")}
         net = build_model(model, dataset.schema, **model_kw)

@@ -1,8 +1,9 @@
 """On-disk cache of encoded datasets: one ``.npy`` per array, memory-mapped on load.
 
 Layout: ``<cache_dir>/<name>-<key>/{meta.json, train/cat.npy, train/seq/<field>.npy, ...}`` where
-``key`` hashes the spec's canonical JSON, the sha256 of every input file's CONTENT and
-:data:`CACHE_VERSION` -- editing a data file or the spec gives a new directory, never a stale hit.
+``key`` hashes the spec's canonical JSON, the sha256 of every input file's CONTENT,
+:data:`CACHE_VERSION` and the encoder's ``ENCODER_VERSION`` -- editing a data file or the spec
+(or a new way of fitting encoders) gives a new directory, never a stale hit.
 A cache is written into a temporary directory and renamed into place, so an interrupted run
 leaves no half-written cache (at worst an orphan ``.tmp-*`` directory, which is ignored).
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dpn_jax.data.encode import ENCODER_VERSION
 from dpn_jax.data.schema import Dataset, Schema, Split
 from dpn_jax.data.spec import DatasetSpec
 
@@ -42,7 +44,7 @@ def file_sha256(path: str | Path) -> str:
 
 def cache_key(spec: DatasetSpec) -> str:
     h = hashlib.sha256()
-    h.update(f"dpn-jax-cache-v{CACHE_VERSION}\n".encode())
+    h.update(f"dpn-jax-cache-v{CACHE_VERSION}-encoder-v{ENCODER_VERSION}\n".encode())
     h.update(spec.canonical_json().encode())
     for role, path in spec.files():
         h.update(f"\n{role}:{file_sha256(path)}".encode())
