@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from dpn_jax.cli import main
-from dpn_jax.data import cache, integrity, load_dataset
+from dpn_jax.data import cache, load_dataset
 from dpn_jax.data import out_of_core as ooc
 from dpn_jax.data import tabular_builtins as tb
 from dpn_jax.errors import DataError
@@ -120,6 +120,8 @@ def test_large_files_are_sampled_on_load_and_hashed_whole_by_verify(tmp_path: Pa
                                                                     capsys) -> None:  # fmt: skip
     """With blocks of 16 bytes a file of a few KiB stands for a multi-GB one: load reads only the
     sampled blocks (a byte between them passes), ``data verify`` hashes all and re-encodes."""
+    from dpn_jax.data import integrity
+
     monkeypatch.setattr(integrity, "BLOCK", 16)
     spec = _spec(tmp_path, n=3000)
     args = ["data", "verify", "--data", str(spec), "--cache-dir", str(tmp_path / "cache")]

@@ -41,7 +41,7 @@ def test_wrong_column_count_names_file_and_line(tmp_path: Path) -> None:
     with pytest.raises(DataError) as err:
         read_table(p, "csv", {"user": "str", "price": "float"}, label="y")
     msg = str(err.value)
-    assert msg.startswith(f"{p}: line 6: expected 3 columns (as the header), found 4: '0,d,4,extra'")
+    assert msg == f"{p}: cannot read as csv: line 6: expected 3 columns (as the header), found 4: '0,d,4,extra'"
     assert "\n" not in msg
 
 

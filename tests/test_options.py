@@ -11,10 +11,8 @@ import pytest
 from dpn_jax.cli import main
 from dpn_jax.errors import ConfigError
 from dpn_jax.models import available_models, build_model, model_options
-from dpn_jax.models.options import MODEL_OPTIONS
-from dpn_jax.options import Range, kind_of
 from dpn_jax.sweep_runner import configurations
-from dpn_jax.train.config import MONITORS, TrainConfig, split_overrides
+from dpn_jax.train.config import TrainConfig, split_overrides
 
 BAD_SETS = [  # --set item, what the one-line message must say
     ("batch_size=0", "--set batch_size=0: batch_size must be >= 1 (an integer)"),
@@ -67,6 +65,8 @@ def test_train_config_checks_at_construction():
 
 
 def test_every_train_option_declares_a_range_its_default_meets():
+    from dpn_jax.options import Range, kind_of
+
     for f in dataclasses.fields(TrainConfig):
         rng = f.metadata.get("range")
         assert isinstance(rng, Range), f"TrainConfig.{f.name} declares no range"
@@ -74,6 +74,7 @@ def test_every_train_option_declares_a_range_its_default_meets():
 
 
 def test_choices_are_what_the_training_code_accepts():
+    from dpn_jax.train.config import MONITORS
     from dpn_jax.train.loop import monitor_score
     from dpn_jax.train.state import make_optimizer
 
@@ -95,6 +96,9 @@ def test_sweep_grid_values_are_checked_before_any_work():
 def test_every_numeric_model_option_has_a_declared_range():
     """Every int, float or list-of-int option of every registered model has an entry in the one
     table of model options; its default meets it."""
+    from dpn_jax.models.options import MODEL_OPTIONS
+    from dpn_jax.options import kind_of
+
     seen = set()
     for name in available_models():
         for key, default in model_options(name).items():

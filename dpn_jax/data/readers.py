@@ -154,8 +154,8 @@ def _read_csv(path: Path, wanted: list[str], sep: str) -> pa.Table:
             raise
         line, expected, found, text = bad
         shown = text if len(text) <= 120 else text[:117] + "..."
-        raise DataError(f"{path}: line {line}: expected {expected} columns (as the header), found "
-                        f"{found}: {shown!r}") from None  # fmt: skip
+        raise DataError(f"{path}: cannot read as csv: line {line}: expected {expected} columns (as "
+                        f"the header), found {found}: {shown!r}") from None  # fmt: skip
 
 
 def _check_columns(path: Path, wanted: Sequence[str], present: Sequence[str]) -> None:

@@ -267,7 +267,7 @@ def encode_stream(
             ds = cache.load(final)
             ds.meta["cache"] = {"dir": str(final), "hit": True}
             return ds
-        except (DataError, OSError, ValueError) as e:  # damaged: encode again
+        except (DataError, OSError, ValueError, KeyError) as e:  # damaged: encode again
             warnings.warn(f"re-encoding the dataset cache {final}: {e}", stacklevel=2)
             shutil.rmtree(final, ignore_errors=True)
     bar = Progress(total_bytes, progress, log)

@@ -30,14 +30,15 @@ MODEL_OPTIONS: dict[str, Range] = {
     # counts and sizes
     "attention_layers": _COUNT, "attention_dim": _COUNT, "num_heads": _COUNT, "heads": _COUNT,
     "generator_heads": _COUNT, "rank": _COUNT, "num_kernels": _COUNT, "num_experts": _COUNT,
-    "overparam": _COUNT, "log_neurons": _COUNT, "layers": _COUNT, "kernel_size": _COUNT,
+    "log_neurons": _COUNT, "layers": _COUNT, "kernel_size": _COUNT,
     "num_layers": Range("int", ge=0),  # 0 cross layers: the cross tower passes x0 through
     "blocks": Range("int", ge=0),  # 0 Transformer blocks: behaviours go straight to the decoder
     "order": Range("int", ge=2),  # HOFM: order 2 is the FM
     # 0 = automatic: embedding size (features, gru_dim), 4x it (ffn_dim), one kernel per channel
-    # (conv_heads), the history length (max_positions), full rank (low_rank)
+    # (conv_heads), the history length (max_positions), full rank (low_rank), no
+    # over-parameterisation (overparam)
     "features": _AUTO, "gru_dim": _AUTO, "ffn_dim": _AUTO, "conv_heads": _AUTO,
-    "max_positions": _AUTO, "low_rank": _AUTO,
+    "max_positions": _AUTO, "low_rank": _AUTO, "overparam": _AUTO,
     # scales
     "bn_momentum": Range("float", ge=0, lt=1),
     "log_eps": Range("float", gt=0),
