@@ -82,7 +82,10 @@ def configurations(model: str, grid: dict[str, list[str]], sets: Sequence[str]) 
     out = []
     for values in itertools.product(*grid.values()):
         pairs = [f"{k}={v}" for k, v in zip(grid, values)]
-        train_kw, model_kw = split_overrides([*sets, *pairs], opts, model)  # typed + validated
+        # typed and range-checked; a --grid value wins over a --set of the same key
+        fixed_train, fixed_model = split_overrides(list(sets), opts, model)
+        grid_train, grid_model = split_overrides(pairs, opts, model, flag="--grid")
+        train_kw, model_kw = {**fixed_train, **grid_train}, {**fixed_model, **grid_model}
         check_options_for_backend(TrainConfig(**train_kw), model_kw)
         out.append(Configuration(" ".join(pairs) or "defaults", train_kw, model_kw))
     return out

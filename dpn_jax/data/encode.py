@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from collections import Counter
 from collections.abc import Mapping
 from itertools import repeat
@@ -178,13 +179,15 @@ def fit_encoders(spec: DatasetSpec, train: Mapping[str, Any]) -> FittedEncoders:
             encs[f.name] = FieldEncoder(
                 f.name, "cat", f.column, vocab=_fit_vocab(_to_str(col), f.min_count)
             )
-        elif f.type == "numeric" and f.buckets > 0:
-            encs[f.name] = FieldEncoder(
-                f.name, "cat", f.column, edges=fit_bucket_edges(_to_float(col, f.column), f.buckets)
-            )
         elif f.type == "numeric":
-            mean, std = _fit_moments(_to_float(col, f.column))
-            encs[f.name] = FieldEncoder(f.name, "num", f.column, mean=mean, std=std)
+            x = _to_float(col, f.column)
+            if len(x) and not np.isfinite(x).any():
+                warn_empty_numeric(f.column, f.name, spec.source)
+            if f.buckets > 0:
+                encs[f.name] = FieldEncoder(f.name, "cat", f.column, edges=fit_bucket_edges(x, f.buckets))
+            else:
+                mean, std = _fit_moments(x)
+                encs[f.name] = FieldEncoder(f.name, "num", f.column, mean=mean, std=std)
         else:
             vocab = None
             if f.share_vocab is None:
@@ -234,6 +237,13 @@ def _layout(fields: tuple[FieldSpec, ...], encs: Mapping[str, FieldEncoder]) -> 
             offset += size
     ordered = [infos[f.name] for k in ("cat", "num", "seq") for f in by_kind[k]]
     return Schema(fields=tuple(ordered), table_size=offset)
+
+
+def warn_empty_numeric(column: str, field: str, source: str) -> None:
+    """A numeric column with no value in any train row carries no information: say so."""
+    warnings.warn(f"{source}: numeric column {column!r} (field {field!r}) is empty in every train "
+                  "row; it is encoded as a constant (remove the field, or fill the column)",
+                  stacklevel=3)  # fmt: skip
 
 
 def _fit_vocab(tokens: list[str], min_count: int) -> list[str]:
@@ -360,13 +370,36 @@ def carve(n: int, spec: DatasetSpec) -> dict[str, np.ndarray]:
     return {k: np.sort(v) for k, v in parts.items()}
 
 
+def _split_files(spec: DatasetSpec, role: str) -> str:
+    files = getattr(spec, role)
+    if files:
+        return ", ".join(str(p) for p in files)
+    return "carved from " + ", ".join(str(p) for p in spec.train)
+
+
+def check_classes(n: int, pos: int, role: str, where: str, label: str = "label") -> None:
+    """``n`` rows of which ``pos`` positive: the train and valid splits need both classes (no
+    loss signal or AUC otherwise), a DataError naming the split and its files; a one-class test
+    split is only warned about."""
+    if n == 0 or 0 < pos < n:
+        return
+    only = "1" if pos else "0"
+    msg = (f"the {role} split ({where}) has label {label!r} = {only} in all its {n:,} rows; "
+           f"no {'0' if pos else '1'}s")
+    if role == "test":
+        warnings.warn(f"{msg}: its AUC is undefined", stacklevel=3)
+        return
+    raise DataError(f"{msg}: the train and valid splits need both classes (0 and 1)")
+
+
 def build_dataset(spec: DatasetSpec) -> Dataset:
     """Read, split, fit on train, encode every split. (Caching lives in :mod:`cache`.)"""
     cols = columns_needed(spec)
 
     def read(paths: tuple) -> dict[str, np.ndarray]:
         # Looked up through the module so tests can monkeypatch readers.read_table.
-        return readers.read_table(list(paths), spec.format, cols, sep=spec.sep, label=spec.label)
+        return readers.read_table(list(paths), spec.format, cols, sep=spec.sep, label=spec.label,
+                                  label_values=spec.label_values)  # fmt: skip
 
     source = read(spec.train)
     idx = carve(len(source[spec.label]), spec)
@@ -375,6 +408,9 @@ def build_dataset(spec: DatasetSpec) -> Dataset:
         if getattr(spec, role):
             raw[role] = read(getattr(spec, role))
 
+    for role in ("train", "valid", "test"):
+        y = raw[role][spec.label]
+        check_classes(len(y), int(np.count_nonzero(y > 0)), role, _split_files(spec, role), spec.label)
     enc = fit_encoders(spec, raw["train"])
     splits: dict[str, Split] = {}
     oov: dict[str, dict[str, int]] = {}
