@@ -239,13 +239,21 @@ class Checkpoints:
         return Resumed(state=arrays["state"], best=best, history=progress["history"],
                        stopper=StopState.restore(progress["stopper"]), epoch=progress["epoch"],
                        batch=progress["batch"], stopped=progress["stopped"],
-                       tally=EpochTally.restore(progress["tally"]), timing=Timing(*progress["timing"]))
+                       tally=EpochTally.restore(progress.get("tally") or _tally_of_old(progress)),
+                       timing=Timing(*progress["timing"]))
 
     def _unreadable(self, path: Path, reason: str) -> DpnError:
         older = [s for s in self._mgr.all_steps() if self.directory / str(s) != path]
         fallback = f" (the older checkpoint {self.directory / str(max(older))} is then used)" if older else ""
         return DpnError(f"checkpoint at {path} is unreadable: {reason}; delete it{fallback} or run "
                         "without --resume")
+
+
+def _tally_of_old(progress: dict) -> dict:
+    """The epoch's tally of a checkpoint written before it had one: ``epoch_loss`` held the loss
+    sum, the number of losses summed and the step the epoch began at."""
+    loss_sum, losses, first_step = progress["epoch_loss"]
+    return {"steps": progress["batch"], "loss_sum": [loss_sum], "losses": [losses], "first_step": first_step}
 
 
 def _reason(err: Exception) -> str:

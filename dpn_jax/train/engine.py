@@ -253,9 +253,9 @@ def run_epoch(state, program: Program, blocks: Iterable[dict], *, tally: EpochTa
             state, losses = program.dispatch(state, block)
             jax.block_until_ready(losses)
             compile_seconds += time.perf_counter() - c0
-            untimed_rows += shape[-1]
+            untimed_rows += shape[-1] * losses.shape[0]
             seen_shapes.add(shape)
-            bar.restart_clock(tally.steps + 1)
+            bar.restart_clock(tally.steps + losses.shape[0])
         else:
             state, losses = program.dispatch(state, block)
         done, tally = tally.steps, tally._replace(steps=tally.steps + losses.shape[0])

@@ -281,14 +281,14 @@ def _fit_chunk(model, data: Dataset, cfgs: list[TrainConfig], *, log, progress, 
             feeder = engine.Feeder(data.train, cfg0.batch_size, tuple(c.seed for c in held), stacked=True)
             bar.start_epoch(epoch)
             ep = engine.run_epoch(state, program, feeder.blocks(epoch), tally=engine.EpochTally.start(len(pos)),
-                           steps_per_epoch=steps_per_epoch, seen_shapes=seen_shapes, bar=bar, check=check)
+                                  steps_per_epoch=steps_per_epoch, seen_shapes=seen_shapes, bar=bar, check=check)
             state = ep.state
             timing = timing.add(ep, (n_train - ep.untimed_rows) * int(active[pos].sum()))
 
             new_stats = engine.recalibrate_bn(program, state, feeder, epoch, cfg0)
             state = state.replace(batch_stats=_where(mask, new_stats, state.batch_stats))
             scores = engine.evaluate_replicas(predict, state.params, state.batch_stats, data.valid,
-                                       cfg0.eval_batch_size)
+                                              cfg0.eval_batch_size)
             valid = dict(zip(pos.tolist(), scores))
             lrs_held = np.asarray(learning_rate(state.opt_state), np.float64)
             new_lrs = lrs_held.copy()
