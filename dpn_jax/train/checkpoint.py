@@ -178,10 +178,10 @@ class Checkpoints:
 
     def save(self, position: int, state, best: Best | None, progress: dict, run: dict) -> Path:
         """Write checkpoint ``position`` (call only with a finite state; see :func:`all_finite`)."""
-        best_params, best_stats = (state.params, state.batch_stats) if best is None else best[:2]
         progress = dict(progress, has_best=best is not None, best_epoch=best.epoch if best else 0,
                         best_valid=best.valid if best else {})
-        arrays = {"state": state, "best": {"params": best_params, "batch_stats": best_stats}}
+        best = best or Best(state.params, state.batch_stats, 0, {})  # a placeholder of the shapes
+        arrays = {"state": state, "best": {"params": best.params, "batch_stats": best.batch_stats}}
         progress["checksum"] = np.asarray(checksum(arrays)).tolist()
         args = self._ocp.args
         done = self._mgr.save(position, force=True, args=args.Composite(

@@ -123,7 +123,8 @@ def regularizer_coefficients(cfg: TrainConfig) -> dict[str, float]:
 
 def make_train_step(model: nn.Module, cfg: TrainConfig, tx: Optimizer, *,
                     regularizers_as_data: bool = False) -> Callable[..., tuple[TrainState, jnp.ndarray]]:
-    """Pure ``(state, batch) -> (state, loss)``; jit it with ``donate_argnums=0``.
+    """Pure ``(state, batch) -> (state, loss)``; jit it with ``donate_argnums=0``. Every optimiser
+    takes one path (:mod:`dpn_jax.train.optimizer`): lookup, gradient, update, apply_updates.
 
     With ``regularizers_as_data`` (sweeps) the step is ``(state, batch, coefs) -> ...`` where
     ``coefs`` maps ``embedding_l2``/``net_l2`` to arrays, so replicas with different L2 share one
