@@ -209,6 +209,20 @@ def test_checkpoint_predating_a_field_resumes_at_its_default(tiny_synthetic, two
                 resume=True).epochs == 3
 
 
+def test_checkpoint_from_before_the_epoch_tally_resumes_exactly(tiny_synthetic, two_checkpoints):
+    """A mid-epoch checkpoint in the earlier format -- the epoch's loss sums as ``epoch_loss``,
+    the early-stopping state saved with its rules -- continues as the uninterrupted run."""
+    shutil.rmtree(two_checkpoints / "10")
+    meta = two_checkpoints / "5" / "progress" / "metadata"
+    saved = json.loads(meta.read_text())
+    tally = saved.pop("tally")
+    assert tally["steps"] == saved["batch"] == 5 and tally["losses"] == [1]  # the loss of step 4
+    saved["epoch_loss"] = [tally["loss_sum"][0], tally["losses"][0], tally["first_step"]]
+    saved["stopper"].update(patience=5, min_epochs=0, min_delta=0.0)
+    meta.write_text(json.dumps(saved))
+    _assert_same_run(_fit(tiny_synthetic, checkpoint_dir=two_checkpoints, resume=True), _reference(tiny_synthetic))
+
+
 def _poisoned(data, cfg, batch_no: int):
     """``data`` with a NaN label in batch ``batch_no`` (1-based) of epoch 1 (and once per epoch)."""
     order = np.random.default_rng((cfg.seed, 1)).permutation(split_len(data.train))

@@ -111,7 +111,7 @@ def test_rows_absent_from_a_batch_stay_put():
     t0, t1 = lazy.params["embedding"]["table"], after.params["embedding"]["table"]
     np.testing.assert_array_equal(np.asarray(t1)[unused], np.asarray(t0)[unused])
     assert np.all(np.abs(np.asarray(t1)[used] - np.asarray(t0)[used]).max(axis=1) > 0)
-    mu0, mu1 = (s.opt_state.mu["embedding/table"] for s in (lazy, after))
+    mu0, mu1 = (s.opt_state.mu["embedding"]["table"] for s in (lazy, after))
     np.testing.assert_array_equal(np.asarray(mu1)[unused], np.asarray(mu0)[unused])
     # Dense Adam moved rows seen in the first two steps but not in the third.
     dense_after, _ = jax.jit(make_train_step(model, TrainConfig(lr=0.05), make_optimizer(TrainConfig(lr=0.05))))(dense, nxt)

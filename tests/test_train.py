@@ -14,7 +14,6 @@ from dpn_jax.errors import ConfigError
 from dpn_jax.models import build_model, model_options
 from dpn_jax.train import batchnorm
 from dpn_jax.train.config import TrainConfig, split_overrides
-from dpn_jax.train.early_stopping import EarlyStopping
 from dpn_jax.train.loop import evaluate, fit
 from dpn_jax.train.state import (
     get_lr,
@@ -127,39 +126,6 @@ def test_precise_batchnorm_equals_average_of_batch_statistics(momentum):
     var = np.mean([h.var(0) for h in hs], axis=0)
     np.testing.assert_allclose(np.asarray(stats["BatchNorm_0"]["mean"]), mean, rtol=1e-4)
     np.testing.assert_allclose(np.asarray(stats["BatchNorm_0"]["var"]), var, rtol=1e-3)
-
-
-def test_early_stopping():
-    es = EarlyStopping(patience=2)
-    assert es.update(0.7) and es.update(0.71)
-    assert not es.update(0.70) and not es.should_stop
-    assert es.update(0.72) and es.bad_epochs == 0
-    assert not es.update(0.72) and not es.update(float("nan")) and es.should_stop
-    assert es.best == 0.72 and es.best_epoch == 4
-    # min_epochs: no stop (and warming_up: no lr cut) before that many epochs, then the usual rule
-    es = EarlyStopping(patience=1, min_epochs=3)
-    assert es.update(0.7) and es.warming_up
-    assert not es.update(0.6) and not es.should_stop and es.warming_up
-    assert not es.update(0.6) and es.should_stop and not es.warming_up
-    # a resumed stopper keeps its counters and takes patience / min_epochs from the config
-    again = EarlyStopping.for_config(TrainConfig(patience=4, min_epochs=5), es.state_dict())
-    assert (again.patience, again.min_epochs, again.epoch, again.bad_epochs, again.best) == (
-        4, 5, 3, 2, 0.7) and again.warming_up and not again.should_stop
-
-
-def test_lr_after_bad_epoch():
-    """The one lr-cut rule of fit and the sweep: times the factor, floored at min_lr, never raised,
-    none while warming up or with the factor 0."""
-    cfg = TrainConfig(reduce_lr_factor=0.1, min_lr=1e-5)
-    es = EarlyStopping(patience=3)
-    es.update(0.7)
-    assert es.lr_after_bad_epoch(1e-3, cfg) == pytest.approx(1e-4)
-    assert es.lr_after_bad_epoch(5e-5, cfg) == 1e-5  # floored
-    assert es.lr_after_bad_epoch(1e-6, cfg) == 1e-6  # below the floor already: not raised
-    assert es.lr_after_bad_epoch(1e-3, TrainConfig(reduce_lr_factor=0.0)) == 1e-3
-    warm = EarlyStopping(patience=3, min_epochs=2)
-    warm.update(0.7)
-    assert warm.lr_after_bad_epoch(1e-3, cfg) == 1e-3
 
 
 def test_split_overrides_types_and_errors():

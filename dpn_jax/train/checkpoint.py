@@ -28,7 +28,8 @@ import numpy as np
 from dpn_jax.data.schema import Dataset, split_len
 from dpn_jax.errors import DpnError
 from dpn_jax.train.config import TrainConfig
-from dpn_jax.train.early_stopping import EarlyStopping
+from dpn_jax.train.early_stopping import StopState
+from dpn_jax.train.engine import Best, EpochTally, Timing
 
 KEEP = 2
 # Training options that may change on resume: they change neither the state nor the data order.
@@ -124,14 +125,14 @@ class Resumed:
     """Everything ``fit`` needs to continue from a checkpoint."""
 
     state: Any
-    best: tuple | None  # (params, batch_stats, epoch, valid metrics) as fit keeps it
+    best: Best | None
     history: list[dict]
-    stopper: EarlyStopping
+    stopper: StopState
     epoch: int  # the epoch to continue
     batch: int  # batches of ``epoch`` already trained
     stopped: bool  # training had ended (early stop); only the test evaluation is left
-    epoch_loss: tuple[float, int, int]  # loss sum, losses summed, step at the start of the epoch
-    timing: tuple[float, float, int]  # train seconds, compile seconds, timed samples
+    tally: EpochTally  # what ``epoch`` counted in those batches
+    timing: Timing
 
 
 class Checkpoints:
@@ -175,12 +176,12 @@ class Checkpoints:
         step = self._mgr.latest_step() if step is None else step
         return None if step is None else self.directory / str(step)
 
-    def save(self, position: int, state, best: tuple | None, progress: dict, run: dict) -> Path:
+    def save(self, position: int, state, best: Best | None, progress: dict, run: dict) -> Path:
         """Write checkpoint ``position`` (call only with a finite state; see :func:`all_finite`)."""
-        best_params, best_stats = (state.params, state.batch_stats) if best is None else best[:2]
-        progress = dict(progress, has_best=best is not None, best_epoch=best[2] if best else 0,
-                        best_valid=best[3] if best else {})
-        arrays = {"state": state, "best": {"params": best_params, "batch_stats": best_stats}}
+        progress = dict(progress, has_best=best is not None, best_epoch=best.epoch if best else 0,
+                        best_valid=best.valid if best else {})
+        best = best or Best(state.params, state.batch_stats, 0, {})  # a placeholder of the shapes
+        arrays = {"state": state, "best": {"params": best.params, "batch_stats": best.batch_stats}}
         progress["checksum"] = np.asarray(checksum(arrays)).tolist()
         args = self._ocp.args
         done = self._mgr.save(position, force=True, args=args.Composite(
@@ -226,25 +227,33 @@ class Checkpoints:
             raise self._unreadable(path, "its arrays do not match the checksum saved with them")
         return arrays, progress
 
-    def restore(self, state, run: dict, cfg: TrainConfig, defaults: dict | None = None) -> Resumed:
+    def restore(self, state, run: dict, defaults: dict | None = None) -> Resumed:
         """The newest checkpoint, read into the structure (and placement) of the fresh ``state``;
         ``defaults`` (:func:`run_defaults`) let a checkpoint predate a field left at its default."""
         template = {"state": state, "best": jax.device_get({"params": state.params, "batch_stats": state.batch_stats})}
         arrays, progress = self.restore_arrays(template, run, defaults)
         best = None
         if progress["has_best"]:
-            best = (arrays["best"]["params"], arrays["best"]["batch_stats"], progress["best_epoch"],
-                    progress["best_valid"])
-        stopper = EarlyStopping.for_config(cfg, progress["stopper"])
-        return Resumed(state=arrays["state"], best=best, history=progress["history"], stopper=stopper,
-                       epoch=progress["epoch"], batch=progress["batch"], stopped=progress["stopped"],
-                       epoch_loss=tuple(progress["epoch_loss"]), timing=tuple(progress["timing"]))
+            best = Best(arrays["best"]["params"], arrays["best"]["batch_stats"], progress["best_epoch"],
+                        progress["best_valid"])
+        return Resumed(state=arrays["state"], best=best, history=progress["history"],
+                       stopper=StopState.restore(progress["stopper"]), epoch=progress["epoch"],
+                       batch=progress["batch"], stopped=progress["stopped"],
+                       tally=EpochTally.restore(progress.get("tally") or _tally_of_old(progress)),
+                       timing=Timing(*progress["timing"]))
 
     def _unreadable(self, path: Path, reason: str) -> DpnError:
         older = [s for s in self._mgr.all_steps() if self.directory / str(s) != path]
         fallback = f" (the older checkpoint {self.directory / str(max(older))} is then used)" if older else ""
         return DpnError(f"checkpoint at {path} is unreadable: {reason}; delete it{fallback} or run "
                         "without --resume")
+
+
+def _tally_of_old(progress: dict) -> dict:
+    """The epoch's tally of a checkpoint written before it had one: ``epoch_loss`` held the loss
+    sum, the number of losses summed and the step the epoch began at."""
+    loss_sum, losses, first_step = progress["epoch_loss"]
+    return {"steps": progress["batch"], "loss_sum": [loss_sum], "losses": [losses], "first_step": first_step}
 
 
 def _reason(err: Exception) -> str:

@@ -5,16 +5,17 @@ Dense Adam reads and writes every row of every embedding table, and its moments,
 backward pass first scatters the row gradients into a dense zero table. Production CTR systems
 (TF's ``LazyAdamOptimizer``, PyTorch's ``SparseAdam``) instead touch only the rows seen:
 
-1. ``gather``: the ids of the batch (``cat`` and every ``seq/*``) are made unique
+1. ``lookup`` (:func:`gather`): the ids of the batch (``cat`` and every ``seq/*``) are made unique
    (:func:`unique_ids`: each id keeps the slot of its first occurrence, the other slots hold the
    out-of-range id ``V``); every table leaf is replaced by its gathered rows ``[n, d]`` and the
    batch gets ``rows/<key>``: the slot of each id. The train step applies the model with ``schema.table_size = n``
    (Flax checks parameter shapes against the declared ones) and ``FieldEmbedding`` looks
    ``rows/<key>`` up in the gathered rows, so the forward pass is unchanged and the gradient
    w.r.t. the gathered rows is the dense gradient's non-zero rows.
-2. ``apply``: Adam on those rows only, with the global step for bias correction (TF's lazy Adam):
+2. ``update``: Adam on those rows only, with the global step for bias correction (TF's lazy Adam):
    ``m[r] = b1 m[r] + (1-b1) g``, ``v[r] = b2 v[r] + (1-b2) g²``, ``T[r] -= lr m̂/(√v̂ + eps)``;
-   all other parameters take optax's Adam as usual.
+   all other parameters take optax's Adam as usual. Its result for a table is the table's new
+   value, which ``apply_updates`` writes (:mod:`dpn_jax.train.optimizer`).
 
 Rows absent from a batch keep their parameters and moments (dense Adam keeps moving them with
 their decaying momentum). When no row repeats across steps the two agree on the rows a step
@@ -27,6 +28,7 @@ norm as dense Adam (the skipped rows' gradients are zero).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, NamedTuple
 
@@ -39,6 +41,7 @@ from flax import traverse_util
 from dpn_jax import native
 from dpn_jax.errors import ConfigError
 from dpn_jax.nn.embedding import ROWS_PREFIX
+from dpn_jax.train.optimizer import Optimizer
 
 TABLE = "table"  # FieldEmbedding's table parameter
 KERNELS = ("xla", "native")
@@ -72,98 +75,112 @@ def unique_ids(ids: jnp.ndarray, fill: int) -> tuple[jnp.ndarray, jnp.ndarray]:
 class LazyAdamState(NamedTuple):
     dense: optax.OptState  # inject_hyperparams(adam) over the non-table parameters (holds the lr)
     count: jnp.ndarray  # steps taken, for the tables' bias correction
-    mu: dict[str, jnp.ndarray]  # first moment of each table, by "/"-joined parameter path
-    nu: dict[str, jnp.ndarray]
+    mu: Any  # first moment of each table, in the parameters' tree (tables only)
+    nu: Any
     clip: jnp.ndarray  # global-norm threshold as data (sweeps: one per replica); inf = off
 
 
-class LazyAdam:
-    """``optimizer="lazy_adam"``: not an optax transformation, since its table gradients come
-    as gathered rows plus their ids; ``dpn_jax.train.state.make_train_step`` calls
-    ``gather``/``apply`` around the gradient."""
+def split(params) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(tables, the rest)`` of a parameter tree, each flat by "/"-joined path."""
+    flat = traverse_util.flatten_dict(params, sep="/")
+    tables = {k: v for k, v in flat.items() if _is_table(tuple(k.split("/")))}
+    rest = {k: v for k, v in flat.items() if k not in tables}
+    if not tables:
+        raise ConfigError("optimizer=lazy_adam: the model has no embedding table to update "
+                          "lazily; use optimizer=adam")
+    return tables, rest
 
-    def __init__(self, lr: float, grad_clip: float = 0.0, b1: float = 0.9, b2: float = 0.999,
-                 eps: float = 1e-8, clip_as_data: bool = False, kernel: str = "xla"):
-        """``clip_as_data`` (vmapped sweeps): always clip, at the threshold held in the state, so
-        replicas with and without clipping share one program (below it, the gradient is
-        returned unchanged). ``kernel="native"``: the rows' update by :func:`native_row_update`."""
-        if kernel not in KERNELS:
-            raise ConfigError(f"--set lazy_adam_kernel={kernel}: choose one of {', '.join(KERNELS)}")
-        if kernel == "native":
-            reason = native.cpu_only(NATIVE_OPTION, PORTABLE_OPTION)
-            if reason:
-                raise ConfigError(reason)
-            _load_native()
-        self.b1, self.b2, self.eps, self.grad_clip = b1, b2, eps, grad_clip
-        self.clip_as_data, self.kernel = clip_as_data, kernel
-        self.dense_tx = optax.inject_hyperparams(optax.adam)(learning_rate=lr, b1=b1, b2=b2, eps=eps)
 
-    @staticmethod
-    def split(params) -> tuple[dict[str, Any], dict[str, Any]]:
-        flat = traverse_util.flatten_dict(params, sep="/")
-        tables = {k: v for k, v in flat.items() if _is_table(tuple(k.split("/")))}
-        rest = {k: v for k, v in flat.items() if k not in tables}
-        if not tables:
-            raise ConfigError("optimizer=lazy_adam: the model has no embedding table to update "
-                              "lazily; use optimizer=adam")
-        return tables, rest
+def _tree(flat: dict[str, Any]) -> Any:
+    return traverse_util.unflatten_dict(flat, sep="/")
 
-    def init(self, params) -> LazyAdamState:
-        tables, rest = self.split(params)
-        zeros = {k: jnp.zeros_like(v) for k, v in tables.items()}
-        clip = jnp.asarray(self.grad_clip if self.grad_clip > 0 else jnp.inf, jnp.float32)
-        return LazyAdamState(self.dense_tx.init(rest), jnp.zeros((), jnp.int32), zeros,
-                             {k: jnp.zeros_like(v) for k, v in tables.items()}, clip)
 
-    def gather(self, params, batch: dict) -> tuple[Any, dict, jnp.ndarray]:
-        """``(params with tables -> their batch rows, batch + rows/<key>, unique ids)``."""
-        tables, rest = self.split(params)
-        sizes = {v.shape[0] for v in tables.values()}
-        if len(sizes) != 1:
-            raise ConfigError(f"optimizer=lazy_adam: embedding tables of different row counts "
-                              f"{sorted(sizes)} cannot share one id remapping; use optimizer=adam")
-        n_rows = sizes.pop()
-        keys = id_keys(batch)
-        flat_ids = jnp.concatenate([batch[k].reshape(-1) for k in keys])
-        uniq, inv = unique_ids(flat_ids, n_rows)
-        rows, start = {}, 0
-        for k in keys:
-            size = batch[k].size
-            rows[ROWS_PREFIX + k] = inv.reshape(-1)[start:start + size].reshape(batch[k].shape).astype(jnp.int32)
-            start += size
-        # Padding slots (id V) gather zeros: no penalty, and their gradients are dropped below.
-        sub = {k: jnp.take(v, uniq, axis=0, mode="fill", fill_value=0) for k, v in tables.items()}
-        gathered = traverse_util.unflatten_dict({**rest, **sub}, sep="/")
-        return gathered, {**batch, **rows}, uniq
+def gather(params, batch: dict) -> tuple[Any, dict, jnp.ndarray]:
+    """``(params with tables -> their batch rows, batch + rows/<key>, unique ids)``."""
+    tables, rest = split(params)
+    sizes = {v.shape[0] for v in tables.values()}
+    if len(sizes) != 1:
+        raise ConfigError(f"optimizer=lazy_adam: embedding tables of different row counts "
+                          f"{sorted(sizes)} cannot share one id remapping; use optimizer=adam")
+    n_rows = sizes.pop()
+    keys = id_keys(batch)
+    flat_ids = jnp.concatenate([batch[k].reshape(-1) for k in keys])
+    uniq, inv = unique_ids(flat_ids, n_rows)
+    rows, start = {}, 0
+    for k in keys:
+        size = batch[k].size
+        rows[ROWS_PREFIX + k] = inv.reshape(-1)[start:start + size].reshape(batch[k].shape).astype(jnp.int32)
+        start += size
+    # Padding slots (id V) gather zeros: no penalty, and their gradients are dropped below.
+    sub = {k: jnp.take(v, uniq, axis=0, mode="fill", fill_value=0) for k, v in tables.items()}
+    return _tree({**rest, **sub}), {**batch, **rows}, uniq
 
-    def apply(self, grads, state: LazyAdamState, params, uniq: jnp.ndarray) -> tuple[Any, LazyAdamState]:
-        g_tables, g_rest = self.split(grads)
-        tables, rest = self.split(params)
-        if self.grad_clip > 0 or self.clip_as_data:  # optax.clip_by_global_norm's rule, over both
+
+def lazy_adam(lr: float, grad_clip: float = 0.0, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+              clip_as_data: bool = False, kernel: str = "xla") -> Optimizer:
+    """``optimizer="lazy_adam"`` as an :class:`~dpn_jax.train.optimizer.Optimizer`: ``lookup``
+    gathers the batch's rows (:func:`gather`) and sizes the model's tables to them; ``update``
+    takes the row ids as the extra arg ``rows`` and returns, for each table, its new value (the
+    other parameters get optax's Adam updates); ``apply_updates`` writes both.
+
+    ``clip_as_data`` (vmapped sweeps): always clip, at the threshold held in the state, so
+    replicas with and without clipping share one program (below it, the gradient is returned
+    unchanged). ``kernel="native"``: the rows' update by :func:`native_row_update`."""
+    if kernel not in KERNELS:
+        raise ConfigError(f"--set lazy_adam_kernel={kernel}: choose one of {', '.join(KERNELS)}")
+    if kernel == "native":
+        reason = native.cpu_only(NATIVE_OPTION, PORTABLE_OPTION)
+        if reason:
+            raise ConfigError(reason)
+        _load_native()
+    dense_tx = optax.inject_hyperparams(optax.adam)(learning_rate=lr, b1=b1, b2=b2, eps=eps)
+
+    def init(params) -> LazyAdamState:
+        tables, rest = split(params)
+        clip = jnp.asarray(grad_clip if grad_clip > 0 else jnp.inf, jnp.float32)
+        return LazyAdamState(dense_tx.init(rest), jnp.zeros((), jnp.int32),
+                             _tree({k: jnp.zeros_like(v) for k, v in tables.items()}),
+                             _tree({k: jnp.zeros_like(v) for k, v in tables.items()}), clip)
+
+    def lookup(model, params, batch: dict):
+        rows_params, batch, uniq = gather(params, batch)
+        net = model.clone(schema=dataclasses.replace(model.schema, table_size=uniq.shape[0]))
+        return net, rows_params, batch, {"rows": uniq}
+
+    def update(grads, state: LazyAdamState, params, *, rows: jnp.ndarray) -> tuple[Any, LazyAdamState]:
+        g_tables, g_rest = split(grads)
+        tables, rest = split(params)
+        if grad_clip > 0 or clip_as_data:  # optax.clip_by_global_norm's rule, over both
             norm = optax.tree.norm((g_tables, g_rest))
             g_tables, g_rest = jax.tree.map(
                 lambda g: jnp.where(norm < state.clip, g, g * (state.clip / norm)), (g_tables, g_rest))
-        updates, dense = self.dense_tx.update(g_rest, state.dense, rest)
-        rest = optax.apply_updates(rest, updates)
-        lr = dense.hyperparams["learning_rate"]
+        updates, dense = dense_tx.update(g_rest, state.dense, rest)
+        lr_now = dense.hyperparams["learning_rate"]
         t = (state.count + 1).astype(jnp.float32)
-        bc1, bc2 = 1.0 - self.b1**t, 1.0 - self.b2**t
-        mu, nu = dict(state.mu), dict(state.nu)
+        bc1, bc2 = 1.0 - b1**t, 1.0 - b2**t
+        mu = traverse_util.flatten_dict(state.mu, sep="/")
+        nu = traverse_util.flatten_dict(state.nu, sep="/")
         for k, g in g_tables.items():
-            if self.kernel == "native":
+            if kernel == "native":
                 tables[k], mu[k], nu[k] = native_row_update(
-                    tables[k], mu[k], nu[k], uniq, g, jnp.stack([lr, bc1, bc2]).astype(jnp.float32),
-                    self.b1, self.b2, self.eps)
+                    tables[k], mu[k], nu[k], rows, g, jnp.stack([lr_now, bc1, bc2]).astype(jnp.float32),
+                    b1, b2, eps)
                 continue
-            m = self.b1 * jnp.take(mu[k], uniq, axis=0, mode="fill", fill_value=0) + (1 - self.b1) * g
-            v = self.b2 * jnp.take(nu[k], uniq, axis=0, mode="fill", fill_value=0) + (1 - self.b2) * g * g
-            step = -lr * (m / bc1) / (jnp.sqrt(v / bc2) + self.eps)
-            # uniq holds each id once, so add == set; the padding id V is out of range: dropped.
-            tables[k] = tables[k].at[uniq].add(step.astype(tables[k].dtype), mode="drop")
-            mu[k] = mu[k].at[uniq].set(m, mode="drop")
-            nu[k] = nu[k].at[uniq].set(v, mode="drop")
-        new_params = traverse_util.unflatten_dict({**rest, **tables}, sep="/")
-        return new_params, LazyAdamState(dense, state.count + 1, mu, nu, state.clip)
+            m = b1 * jnp.take(mu[k], rows, axis=0, mode="fill", fill_value=0) + (1 - b1) * g
+            v = b2 * jnp.take(nu[k], rows, axis=0, mode="fill", fill_value=0) + (1 - b2) * g * g
+            step = -lr_now * (m / bc1) / (jnp.sqrt(v / bc2) + eps)
+            # rows holds each id once, so add == set; the padding id V is out of range: dropped.
+            tables[k] = tables[k].at[rows].add(step.astype(tables[k].dtype), mode="drop")
+            mu[k] = mu[k].at[rows].set(m, mode="drop")
+            nu[k] = nu[k].at[rows].set(v, mode="drop")
+        return _tree({**updates, **tables}), LazyAdamState(dense, state.count + 1, _tree(mu), _tree(nu), state.clip)
+
+    def apply_updates(params, updates):
+        _, rest = split(params)
+        new_tables, rest_updates = split(updates)
+        return _tree({**optax.apply_updates(rest, rest_updates), **new_tables})
+
+    return Optimizer(init, update, lookup, apply_updates)
 
 
 @functools.cache
@@ -174,7 +191,7 @@ def _load_native() -> None:
 def native_row_update(table, mu, nu, slots, grads, scalars, b1: float, b2: float, eps: float):
     """``(table, mu, nu)`` after lazy Adam on the rows ``slots`` (each row once; out-of-range =
     padding) with row gradients ``grads [n, d]`` and ``scalars = [lr, bc1, bc2]``: the formulas of
-    :meth:`LazyAdam.apply` in one C++ pass, in place (dpn_jax/native/sparse_adam.cc)."""
+    lazy Adam's ``update`` in one C++ pass, in place (dpn_jax/native/sparse_adam.cc)."""
     if not all(a.dtype == jnp.float32 for a in (table, mu, nu, grads)):
         raise ConfigError(f"{NATIVE_OPTION}: float32 tables only (got {table.dtype}); use lazy_adam_kernel=xla")
     _load_native()

@@ -103,10 +103,9 @@ def _key_name(entry) -> str:
 
 
 def is_table(path: tuple, leaf) -> bool:
-    """An embedding table or one of its optimiser moments: optax's Adam mirrors the params tree
-    (last key ``table``), LazyAdam keys its moments by the joined path (``.../table``)."""
-    name = _key_name(path[-1]) if path else ""
-    return (name == TABLE or name.endswith("/" + TABLE)) and np.ndim(leaf) == 2
+    """An embedding table or one of its optimiser moments: every optimiser keeps its moments in
+    the parameters' tree, so their last key is ``table`` too."""
+    return bool(path) and _key_name(path[-1]) == TABLE and np.ndim(leaf) == 2
 
 
 def state_sharding(state: Any, mesh: Mesh) -> Any:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -14,7 +13,8 @@ from flax import struct
 
 from dpn_jax.errors import ConfigError
 from dpn_jax.train.config import TrainConfig
-from dpn_jax.train.lazy_adam import LazyAdam, LazyAdamState
+from dpn_jax.train.lazy_adam import lazy_adam
+from dpn_jax.train.optimizer import Optimizer, learning_rate, with_learning_rate
 
 EMBEDDING_PARAMS = ("table", "numeric")  # parameter names owned by FieldEmbedding
 
@@ -30,7 +30,7 @@ class TrainState(struct.PyTreeNode):
 OPTIMIZERS = ("adam", "lazy_adam")
 
 
-def make_optimizer(cfg: TrainConfig, *, clip_as_data: bool = False) -> optax.GradientTransformation | LazyAdam:
+def make_optimizer(cfg: TrainConfig, *, clip_as_data: bool = False) -> Optimizer:
     """Adam with the learning rate as data (``inject_hyperparams``) so reduce-on-plateau and
     sweeps change it without recompiling; ``cfg.optimizer="lazy_adam"`` updates only the
     embedding rows each batch uses (:mod:`dpn_jax.train.lazy_adam`).
@@ -41,37 +41,23 @@ def make_optimizer(cfg: TrainConfig, *, clip_as_data: bool = False) -> optax.Gra
     if cfg.optimizer not in OPTIMIZERS:
         raise ConfigError(f"--set optimizer={cfg.optimizer}: choose one of {', '.join(OPTIMIZERS)}")
     if cfg.optimizer == "lazy_adam":
-        return LazyAdam(cfg.lr, cfg.grad_clip, clip_as_data=clip_as_data, kernel=cfg.lazy_adam_kernel)
+        return lazy_adam(cfg.lr, cfg.grad_clip, clip_as_data=clip_as_data, kernel=cfg.lazy_adam_kernel)
     adam = optax.inject_hyperparams(optax.adam)(learning_rate=cfg.lr)
     if clip_as_data:
         clip = optax.inject_hyperparams(optax.clip_by_global_norm)(
             max_norm=cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        return optax.chain(clip, adam)
+        return Optimizer.dense(optax.chain(clip, adam))
     if cfg.grad_clip > 0:
-        return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adam)
-    return adam
-
-
-def _inject_state(opt_state):
-    """The ``InjectHyperparamsState`` (itself a tuple) alone or at the end of a chain."""
-    if isinstance(opt_state, LazyAdamState):
-        return _inject_state(opt_state.dense)
-    return opt_state if hasattr(opt_state, "hyperparams") else opt_state[-1]
+        return Optimizer.dense(optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adam))
+    return Optimizer.dense(adam)
 
 
 def get_lr(state: TrainState) -> float:
-    return float(_inject_state(state.opt_state).hyperparams["learning_rate"])
+    return float(learning_rate(state.opt_state))
 
 
 def set_lr(state: TrainState, lr: float) -> TrainState:
-    inner = _inject_state(state.opt_state)
-    hp = dict(inner.hyperparams)
-    hp["learning_rate"] = jnp.asarray(lr, dtype=jnp.asarray(hp["learning_rate"]).dtype)
-    inner = inner._replace(hyperparams=hp)
-    if isinstance(state.opt_state, LazyAdamState):  # its dense part is a bare inject state
-        return state.replace(opt_state=state.opt_state._replace(dense=inner))
-    opt_state = inner if hasattr(state.opt_state, "hyperparams") else (*state.opt_state[:-1], inner)
-    return state.replace(opt_state=opt_state)
+    return state.replace(opt_state=with_learning_rate(state.opt_state, lr))
 
 
 def make_init_fn(model: nn.Module) -> Callable[[jax.Array, dict], Any]:
@@ -80,7 +66,7 @@ def make_init_fn(model: nn.Module) -> Callable[[jax.Array, dict], Any]:
 
 
 def init_state(model: nn.Module, example_batch: dict, cfg: TrainConfig,
-               tx: optax.GradientTransformation, init_fn: Callable | None = None) -> TrainState:
+               tx: Optimizer, init_fn: Callable | None = None) -> TrainState:
     # Initialisation draws with the "rbg" generator: on the CPU its programs compile about twice
     # as fast as threefry's (initialisation runs once, compilation dominates); dropout keeps
     # threefry, which runs faster per step there.
@@ -135,9 +121,10 @@ def regularizer_coefficients(cfg: TrainConfig) -> dict[str, float]:
     return {k: getattr(cfg, k) for k in REGULARIZERS if getattr(cfg, k) > 0}
 
 
-def make_train_step(model: nn.Module, cfg: TrainConfig, tx: optax.GradientTransformation, *,
+def make_train_step(model: nn.Module, cfg: TrainConfig, tx: Optimizer, *,
                     regularizers_as_data: bool = False) -> Callable[..., tuple[TrainState, jnp.ndarray]]:
-    """Pure ``(state, batch) -> (state, loss)``; jit it with ``donate_argnums=0``.
+    """Pure ``(state, batch) -> (state, loss)``; jit it with ``donate_argnums=0``. Every optimiser
+    takes one path (:mod:`dpn_jax.train.optimizer`): lookup, gradient, update, apply_updates.
 
     With ``regularizers_as_data`` (sweeps) the step is ``(state, batch, coefs) -> ...`` where
     ``coefs`` maps ``embedding_l2``/``net_l2`` to arrays, so replicas with different L2 share one
@@ -163,18 +150,11 @@ def make_train_step(model: nn.Module, cfg: TrainConfig, tx: optax.GradientTransf
 
     def step(state: TrainState, batch: dict, coefs) -> tuple[TrainState, jnp.ndarray]:
         rng = jax.random.fold_in(state.rng, state.step)
-        if isinstance(tx, LazyAdam):
-            params, batch, uniq = tx.gather(state.params, batch)
-            net = model.clone(schema=dataclasses.replace(model.schema, table_size=uniq.shape[0]))
-        else:
-            params, net = state.params, model
+        net, params, batch, extra = tx.lookup(model, state.params, batch)
         (loss, (data_loss, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             params, state.batch_stats, batch, rng, coefs, net)
-        if isinstance(tx, LazyAdam):
-            params, opt_state = tx.apply(grads, state.opt_state, state.params, uniq)
-        else:
-            updates, opt_state = tx.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
+        params = tx.apply_updates(state.params, updates)
         new = state.replace(step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state)
         if cfg.on_nonfinite == "skip":
             ok = jnp.isfinite(loss) & _tree_finite(grads)

@@ -25,7 +25,6 @@ import dataclasses
 import math
 import os
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,20 +34,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpn_jax.data import batches, padded_batches
-from dpn_jax.data.schema import Dataset, Split, split_len
+from dpn_jax.data.schema import Dataset, split_len
 from dpn_jax.errors import ConfigError, DpnError
-from dpn_jax.train import batchnorm, sweep_checkpoint
+from dpn_jax.train import batchnorm, early_stopping, engine, sweep_checkpoint
 from dpn_jax.train.config import TrainConfig
-from dpn_jax.train.early_stopping import EarlyStopping
-from dpn_jax.train.loop import FitResult, _first_rows, monitor_score
-from dpn_jax.train.metrics import auc, logloss_from_logits
+from dpn_jax.train.optimizer import learning_rate
 from dpn_jax.train.progress import EpochProgress
 from dpn_jax.train.state import (
     REGULARIZERS,
     TrainState,
-    _inject_state,
-    count_params,
     init_state,
     make_init_fn,
     make_optimizer,
@@ -65,7 +59,7 @@ class ReplicaResult:
     """One replica's outcome: ``fit``'s result, or why it has none (``diverged``)."""
 
     config: TrainConfig
-    result: FitResult | None
+    result: engine.FitResult | None
     status: str  # "done" | "diverged"
     message: str = ""
 
@@ -84,15 +78,6 @@ def _where(mask: jnp.ndarray, new: Any, old: Any) -> Any:
     def pick(n, o):
         return jnp.where(mask.reshape(mask.shape + (1,) * (n.ndim - 1)), n, o)
     return jax.tree_util.tree_map(pick, new, old)
-
-
-def _stacked_batches(split: Split, cfgs: Sequence[TrainConfig], batch_size: int, *, seed_offset: int,
-                     epoch: int, drop_last: bool = False):
-    """Per-replica data orders zipped into batches with a leading replica axis."""
-    its = [batches(split, batch_size, shuffle=True, seed=c.seed + seed_offset, epoch=epoch,
-                   drop_last=drop_last) for c in cfgs]
-    for parts in zip(*its):
-        yield {k: np.stack([p[k] for p in parts]) for k in parts[0]}
 
 
 def replica_bytes(model: nn.Module, example: dict, cfg: TrainConfig) -> tuple[int, int]:
@@ -168,9 +153,9 @@ def fit_sweep(model: nn.Module, data: Dataset, cfgs: Sequence[TrainConfig], *,
     n_train = split_len(data.train)
     if n_train == 0:
         raise DpnError(f"dataset {data.name!r}: the train split is empty")
-    monitor_score(cfgs[0].monitor, {"auc": 0.0, "logloss": 0.0})
+    engine.monitor_score(cfgs[0].monitor, {"auc": 0.0, "logloss": 0.0})
 
-    example = _first_rows(data.train, min(n_train, 8))
+    example = engine.example_batch(data.train)
     per_replica = sum(replica_bytes(model, example, cfgs[0]))
     budget = memory_budget if memory_budget is not None else device_memory_bytes()
     chunk = plan_chunk(len(cfgs), per_replica, budget)
@@ -198,7 +183,7 @@ def _fit_chunk(model, data: Dataset, cfgs: list[TrainConfig], *, log, progress, 
                dropouts: list[float] | None, on_epoch=None, ckpt=None) -> list[ReplicaResult]:
     K, cfg0 = len(cfgs), cfgs[0]
     n_train = split_len(data.train)
-    example = _first_rows(data.train, min(n_train, 8))
+    example = engine.example_batch(data.train)
     use_clip = any(c.grad_clip > 0 for c in cfgs)
     reg_names = [k for k in REGULARIZERS if any(getattr(c, k) > 0 for c in cfgs)]
 
@@ -224,7 +209,7 @@ def _fit_chunk(model, data: Dataset, cfgs: list[TrainConfig], *, log, progress, 
     def stats_one(params, stats_in, batch, rng, rate):
         return batchnorm.batch_stats_fn(model_with(rate))(params, stats_in, batch, rng)
 
-    train_step = jax.jit(sweep_step, donate_argnums=0)
+    train_step = jax.jit(engine.one_step(sweep_step), donate_argnums=0)
     predict = jax.jit(jax.vmap(make_predict(model), in_axes=(0, 0, None)))
     stats_of = None
     if state.batch_stats:
@@ -235,17 +220,17 @@ def _fit_chunk(model, data: Dataset, cfgs: list[TrainConfig], *, log, progress, 
     # replicas stay in it, masked, until few are left; then the stack is compacted (one new
     # compilation) so a CPU stops spending steps on them.
     pos = np.arange(K)
-    stoppers = [EarlyStopping.for_config(c) for c in cfgs]
+    rules = early_stopping.Rules.of(cfg0)  # the protocol's options are equal within a sweep
+    stops = [early_stopping.StopState() for _ in cfgs]
     active = np.ones(K, bool)
     status = ["done"] * K
     messages = [""] * K
     histories: list[list[dict]] = [[] for _ in range(K)]
-    best: list[Any] = [None] * K
+    best: list[engine.Best | None] = [None] * K
     steps_per_epoch = math.ceil(n_train / cfg0.batch_size)
     bar = EpochProgress(steps_per_epoch, cfg0.batch_size * K, enabled=progress)
-    train_seconds = compile_seconds = 0.0
-    timed_samples = 0
-    seen_shapes: set[tuple[int, int]] = set()
+    timing = engine.Timing()
+    seen_shapes: set[tuple[int, ...]] = set()
     label = f"replicas {first}-{first + K - 1}"
     start_epoch = 1
     if ckpt is not None:
@@ -256,10 +241,35 @@ def _fit_chunk(model, data: Dataset, cfgs: list[TrainConfig], *, log, progress, 
             state, best, book = sweep_checkpoint.restore(ckpt, state, run)
             pos, active = np.asarray(book["pos"], int), np.asarray(book["active"], bool)
             status, messages, histories = book["status"], book["messages"], book["histories"]
-            stoppers = [EarlyStopping.for_config(c, saved) for c, saved in zip(cfgs, book["stoppers"])]
-            train_seconds, compile_seconds, timed_samples = book["timing"]
+            stops = [early_stopping.StopState.restore(saved) for saved in book["stoppers"]]
+            timing = engine.Timing(*book["timing"])
             start_epoch = book["epoch"] + 1
             log(f"sweep: {label} resumed after epoch {book['epoch']} from {ckpt.path()}")
+    # Each epoch sets the held replicas' ``coefs``, ``rates`` and ``mask``; the program's closures
+    # read them from here, and ``check`` replaces ``mask`` when a replica diverges mid-epoch.
+    coefs: dict = {}
+    rates = mask = None
+    epoch = start_epoch
+
+    def dispatch(state, block):
+        return train_step(state, block, coefs, rates, mask)
+
+    def stats_held(params, stats_in, batch, rng):
+        return stats_of(params, stats_in, batch, rng, rates)
+
+    def check(state, n_steps: int, values: np.ndarray) -> float:
+        nonlocal mask
+        for j, k in enumerate(pos):
+            if active[k] and not np.isfinite(values[j]):
+                active[k], status[k] = False, "diverged"
+                messages[k] = (f"non-finite training loss {values[j]} at epoch {epoch}: lower "
+                               f"the learning rate or set grad_clip")
+                log(f"sweep: replica {first + k} ({_describe(cfgs[k])}) diverged at epoch {epoch}")
+        mask = jnp.asarray(active[pos])
+        shown = values[active[pos]]
+        return float(shown.mean()) if shown.size else float("nan")
+
+    program = engine.Program(dispatch, predict, None if stats_of is None else stats_held, fold_in)
     try:
         for epoch in range(start_epoch, cfg0.max_epochs + 1):
             if not active.any():
@@ -267,79 +277,41 @@ def _fit_chunk(model, data: Dataset, cfgs: list[TrainConfig], *, log, progress, 
             held = [cfgs[i] for i in pos]
             coefs = {k: jnp.asarray(v[pos]) for k, v in coefs_all.items()}
             rates = None if rates_all is None else jnp.asarray(rates_all[pos])
-            bar.start_epoch(epoch)
-            t0 = time.perf_counter()
-            epoch_compile, epoch_untimed, n_steps = 0.0, 0, 0
-            loss_sum = np.zeros(K)
             mask = jnp.asarray(active[pos])
-            for batch in _stacked_batches(data.train, held, cfg0.batch_size, seed_offset=0, epoch=epoch):
-                shape = (len(pos), int(batch["label"].shape[1]))
-                if shape not in seen_shapes:
-                    jax.block_until_ready(state)
-                    c0 = time.perf_counter()
-                    state, loss = train_step(state, batch, coefs, rates, mask)
-                    jax.block_until_ready(loss)
-                    epoch_compile += time.perf_counter() - c0
-                    epoch_untimed += shape[1]
-                    seen_shapes.add(shape)
-                    bar.restart_clock(n_steps + 1)
-                else:
-                    state, loss = train_step(state, batch, coefs, rates, mask)
-                n_steps += 1
-                if n_steps % 4 == 0 or n_steps == steps_per_epoch:
-                    values = np.full(K, np.nan)
-                    values[pos] = np.asarray(loss, np.float64)
-                    for k in np.flatnonzero(active & ~np.isfinite(values)):
-                        active[k], status[k] = False, "diverged"
-                        messages[k] = (f"non-finite training loss {values[k]} at epoch {epoch}: lower "
-                                       f"the learning rate or set grad_clip")
-                        log(f"sweep: replica {first + k} ({_describe(cfgs[k])}) diverged at epoch {epoch}")
-                    mask = jnp.asarray(active[pos])
-                    loss_sum += np.where(np.isfinite(values), values, 0.0)
-                    shown = values[active]
-                    bar.update(n_steps, float(shown.mean()) if shown.size else float("nan"))
-            jax.block_until_ready(state)
-            epoch_seconds = time.perf_counter() - t0
-            train_seconds += epoch_seconds - epoch_compile
-            compile_seconds += epoch_compile
-            timed_samples += (n_train - epoch_untimed) * int(active[pos].sum())
+            feeder = engine.Feeder(data.train, cfg0.batch_size, tuple(c.seed for c in held), stacked=True)
+            bar.start_epoch(epoch)
+            ep = engine.run_epoch(state, program, feeder.blocks(epoch), tally=engine.EpochTally.start(len(pos)),
+                                  steps_per_epoch=steps_per_epoch, seen_shapes=seen_shapes, bar=bar, check=check)
+            state = ep.state
+            timing = timing.add(ep, (n_train - ep.untimed_rows) * int(active[pos].sum()))
 
-            if stats_of is not None and cfg0.bn_recalibrate:
-                calib = _stacked_batches(data.train, held, cfg0.batch_size, seed_offset=7919, epoch=epoch,
-                                         drop_last=n_train >= cfg0.batch_size)
-                calib = (b for _, b in zip(range(cfg0.bn_recalibrate_batches), calib))
-                keys = jnp.stack([jax.random.PRNGKey(c.seed + epoch) for c in held])
-                new_stats = batchnorm.recalibrate(
-                    lambda p, s, b, r, rates=rates: stats_of(p, s, b, r, rates), state.params, state.batch_stats,
-                    calib, keys, fold_in=fold_in)
-                state = state.replace(batch_stats=_where(mask, new_stats, state.batch_stats))
-            scores = evaluate_replicas(predict, state.params, state.batch_stats, data.valid,
-                                       cfg0.eval_batch_size)
+            new_stats = engine.recalibrate_bn(program, state, feeder, epoch, cfg0)
+            state = state.replace(batch_stats=_where(mask, new_stats, state.batch_stats))
+            scores = engine.evaluate_replicas(predict, state.params, state.batch_stats, data.valid,
+                                              cfg0.eval_batch_size)
             valid = dict(zip(pos.tolist(), scores))
-            lrs_held = np.asarray(_inject_state(state.opt_state).hyperparams["learning_rate"], np.float64)
+            lrs_held = np.asarray(learning_rate(state.opt_state), np.float64)
             new_lrs = lrs_held.copy()
+            train_loss = ep.tally.mean_loss()
             improved_any = []
             params_host = stats_host = None
             for j, k in enumerate(pos):
                 if not active[k]:
                     continue
-                c = cfgs[k]
-                improved = stoppers[k].update(monitor_score(c.monitor, valid[k]))
-                histories[k].append({
-                    "epoch": epoch, "train_loss": loss_sum[k] / max(1, math.ceil(n_steps / 4)),
-                    "valid_auc": valid[k]["auc"], "valid_logloss": valid[k]["logloss"],
-                    "lr": float(lrs_held[j]), "epoch_seconds": epoch_seconds})
-                if improved:
+                lr = float(lrs_held[j])
+                stops[k], decision = early_stopping.update(rules, stops[k], engine.monitor_score(cfg0.monitor, valid[k]), lr)
+                histories[k].append(engine.history_row(epoch, float(train_loss[j]), valid[k], lr, ep.seconds))
+                if decision.improved:
                     if params_host is None:
                         params_host, stats_host = jax.device_get((state.params, state.batch_stats))
                     pick = (lambda j_: lambda x: np.array(x[j_]))(j)
-                    best[k] = (jax.tree_util.tree_map(pick, params_host),
-                               jax.tree_util.tree_map(pick, stats_host), epoch, valid[k])
+                    best[k] = engine.Best(jax.tree_util.tree_map(pick, params_host),
+                                   jax.tree_util.tree_map(pick, stats_host), epoch, valid[k])
                     improved_any.append(k)
-                elif stoppers[k].should_stop:
+                elif decision.stop:
                     active[k] = False
                 else:
-                    new_lrs[j] = stoppers[k].lr_after_bad_epoch(float(lrs_held[j]), c)
+                    new_lrs[j] = decision.lr
             if (new_lrs != lrs_held).any():
                 state = set_lr(state, new_lrs.astype(np.float32))
             if on_epoch is not None:
@@ -348,7 +320,7 @@ def _fit_chunk(model, data: Dataset, cfgs: list[TrainConfig], *, log, progress, 
             shown = "  ".join(
                 f"{valid[k]['auc']:.4f}{'*' if k in improved_any else (' ' if active[k] else 'x')}"
                 if k in valid else "   -   " for k in range(K))
-            log(f"epoch {epoch:3d}  {label} valid auc  {shown}  ({int(active.sum())} active, {epoch_seconds:.1f}s)")
+            log(f"epoch {epoch:3d}  {label} valid auc  {shown}  ({int(active.sum())} active, {ep.seconds:.1f}s)")
             keep = np.flatnonzero(active[pos])
             if 0 < len(keep) < COMPACT_BELOW * len(pos):
                 state = jax.tree_util.tree_map(lambda x, keep=keep: x[keep], state)
@@ -356,8 +328,8 @@ def _fit_chunk(model, data: Dataset, cfgs: list[TrainConfig], *, log, progress, 
             if ckpt is not None:
                 sweep_checkpoint.save(ckpt, epoch, state, best, {
                     "pos": pos.tolist(), "active": active.tolist(), "status": status, "messages": messages,
-                    "histories": histories, "stoppers": [st.state_dict() for st in stoppers],
-                    "timing": [train_seconds, compile_seconds, timed_samples]}, run)
+                    "histories": histories, "stoppers": [st._asdict() for st in stops],
+                    "timing": list(timing)}, run)
     finally:
         bar.close()
 
@@ -366,33 +338,16 @@ def _fit_chunk(model, data: Dataset, cfgs: list[TrainConfig], *, log, progress, 
     done = [k for k in range(K) if best[k] is not None]
     tests: dict[int, dict] = {}
     if done:
-        params = _stack([best[k][0] for k in done])
-        stats = _stack([best[k][1] for k in done])
-        for k, metrics in zip(done, evaluate_replicas(predict, params, stats, data.test, cfg0.eval_batch_size)):
+        params = _stack([best[k].params for k in done])
+        stats = _stack([best[k].batch_stats for k in done])
+        for k, metrics in zip(done, engine.evaluate_replicas(predict, params, stats, data.test, cfg0.eval_batch_size)):
             tests[k] = metrics
-    rate = timed_samples / train_seconds if train_seconds > 0 else float("nan")
     for k, c in enumerate(cfgs):
         if best[k] is None:
             results.append(ReplicaResult(c, None, "diverged", messages[k] or "no finite validation score"))
             continue
-        p, s, best_epoch, best_valid = best[k]
-        results.append(ReplicaResult(c, FitResult(
-            params=p, batch_stats=s, best_epoch=best_epoch, epochs=len(histories[k]),
-            history=histories[k], valid=best_valid, test=tests[k], train_seconds=train_seconds,
-            compile_seconds=compile_seconds, train_samples_per_s=rate, num_params=count_params(p)),
-            status[k], messages[k]))
+        results.append(ReplicaResult(c, engine.fit_result(best[k], histories[k], tests[k], timing), status[k], messages[k]))
     return results
-
-
-def evaluate_replicas(predict, params, batch_stats, split: Split, batch_size: int) -> list[dict[str, float]]:
-    """Exact AUC and logloss of every replica on every row of ``split``."""
-    out = []
-    for batch in padded_batches(split, batch_size):
-        logits = np.asarray(predict(params, batch_stats, batch))
-        out.append(logits[:, batch["mask"] > 0])
-    labels = np.asarray(split["label"])
-    logits = np.concatenate(out, axis=1)
-    return [{"auc": auc(labels, lg), "logloss": logloss_from_logits(labels, lg)} for lg in logits]
 
 
 def _describe(cfg: TrainConfig) -> str:

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from dpn_jax.train.checkpoint import Checkpoints, run_metadata
+from dpn_jax.train.engine import Best
 
 
 def open_chunk(checkpoint_dir: str | Path, first: int, last: int, resume: bool) -> Checkpoints:
@@ -43,17 +44,17 @@ def _stacked_best(best: list, template: Any) -> Any:
     return jax.tree.map(lambda *xs: np.stack(xs), *trees)
 
 
-def save(ckpt: Checkpoints, epoch: int, state, best: list, book: dict, run: dict) -> Path:
-    """Checkpoint ``epoch`` of a chunk: ``state`` (held replicas), ``best`` (per replica
-    ``(params, batch_stats, epoch, valid)`` or None) and the bookkeeping ``book`` (JSON)."""
+def save(ckpt: Checkpoints, epoch: int, state, best: list[Best | None], book: dict, run: dict) -> Path:
+    """Checkpoint ``epoch`` of a chunk: ``state`` (held replicas), ``best`` (per replica) and the
+    bookkeeping ``book`` (JSON)."""
     # the state serves only for shapes and dtypes: nothing is copied off the device for it
-    params = _stacked_best([None if b is None else b[0] for b in best], state.params)
-    stats = _stacked_best([None if b is None else b[1] for b in best], state.batch_stats)
-    book = dict(book, epoch=epoch, best=[None if b is None else [b[2], b[3]] for b in best])
-    return ckpt.save(epoch, state, (params, stats, 0, {}), {"sweep": book}, run)
+    params = _stacked_best([None if b is None else b.params for b in best], state.params)
+    stats = _stacked_best([None if b is None else b.batch_stats for b in best], state.batch_stats)
+    book = dict(book, epoch=epoch, best=[None if b is None else [b.epoch, b.valid] for b in best])
+    return ckpt.save(epoch, state, Best(params, stats, 0, {}), {"sweep": book}, run)
 
 
-def restore(ckpt: Checkpoints, fresh_state, run: dict) -> tuple[Any, list, dict]:
+def restore(ckpt: Checkpoints, fresh_state, run: dict) -> tuple[Any, list[Best | None], dict]:
     """``(state, best, book)`` of the newest checkpoint, read into the shapes of the chunk's
     freshly initialised stacked state (cut to the replicas the checkpoint's state held)."""
     pos = np.asarray(ckpt.progress()["sweep"]["pos"], int)
@@ -62,12 +63,12 @@ def restore(ckpt: Checkpoints, fresh_state, run: dict) -> tuple[Any, list, dict]
                 "best": {"params": host[0], "batch_stats": host[1]}}
     arrays, progress = ckpt.restore_arrays(template, run)
     book = progress["sweep"]
-    best = []
+    best: list[Best | None] = []
     for k, meta in enumerate(book["best"]):
         if meta is None:
             best.append(None)
             continue
         pick = (lambda k_: lambda x: np.array(x[k_]))(k)
-        best.append((jax.tree.map(pick, arrays["best"]["params"]),
-                     jax.tree.map(pick, arrays["best"]["batch_stats"]), meta[0], meta[1]))
+        best.append(Best(jax.tree.map(pick, arrays["best"]["params"]),
+                         jax.tree.map(pick, arrays["best"]["batch_stats"]), meta[0], meta[1]))
     return arrays["state"], best, book
