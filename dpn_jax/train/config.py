@@ -16,6 +16,16 @@ OPTIMIZERS = ("adam", "lazy_adam")
 LAZY_ADAM_KERNELS = ("xla", "native")
 MONITORS = ("auc", "auc-logloss")
 NONFINITE_MODES = ("stop", "skip")
+DENSE_INITS = ("model", "xavier_normal")
+
+# Named protocols for ``--set protocol=NAME``: a preset of training options, applied before
+# the other ``--set`` keys (which win). "fuxictr": FuxiCTR 2.3.10's BaseModel defaults, to
+# compare with a model trained by FuxiCTR like with like (docs/results/protocol.md).
+PRESETS: dict[str, dict[str, str]] = {
+    "fuxictr": {"reduce_lr_factor": "0.1", "min_lr": "1e-6", "grad_clip": "10", "min_delta": "1e-6",
+                "bn_recalibrate": "false", "dense_init": "xavier_normal", "monitor": "auc",
+                "patience": "2", "lr": "1e-3", "batch_size": "4096"},
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,12 +57,18 @@ class TrainConfig:
     # multiply lr by this on a non-improving epoch; 0 = off (1 would never cut)
     reduce_lr_factor: float = option(0.0, ge=0, lt=1)
     min_lr: float = option(1e-6, ge=0)
+    # A new best validation score must beat the old one by more than this (FuxiCTR: 1e-6).
+    min_delta: float = option(0.0, ge=0)
     # Re-estimate BatchNorm statistics from training batches before each evaluation: with
     # ~13 steps per epoch, running averages still remember their initial values
     # (docs/results/protocol.md, §'BatchNorm statistics').
     bn_recalibrate: bool = option(True)
     bn_recalibrate_batches: int = option(32, ge=1)
     seed: int = option(2021, ge=0)
+    # Dense kernels at initialisation: "model" (each layer's own initialiser) or
+    # "xavier_normal" (every 2-D Dense kernel redrawn from N(0, 2 / (fan_in + fan_out)), not
+    # truncated: FuxiCTR's BaseModel.reset_parameters, i.e. PyTorch's xavier_normal_).
+    dense_init: str = option("model", choices=DENSE_INITS)
     # With a checkpoint directory (``fit(checkpoint_dir=...)``, ``--checkpoint-dir``) a checkpoint
     # is written after every epoch and, when > 0, also every this many batches.
     checkpoint_every_steps: int = option(0, ge=0)
@@ -96,6 +112,21 @@ def parse_value(text: str, default: Any, key: str, flag: str = "--set") -> Any:
     return value
 
 
+def expand_protocol(sets: list[str], flag: str = "--set") -> list[str]:
+    """``protocol=NAME`` replaced by its preset's ``key=value`` items, put first so that the
+    other items override them."""
+    presets, rest = [], []
+    for item in sets:
+        key, _, name = (s.strip() for s in item.partition("="))
+        if key != "protocol":
+            rest.append(item)
+        elif name not in PRESETS:
+            raise ConfigError(f"{flag} protocol={name}: unknown protocol; choose one of {sorted(PRESETS)}")
+        else:
+            presets += [f"{k}={v}" for k, v in PRESETS[name].items()]
+    return presets + rest
+
+
 def split_overrides(
     sets: list[str], model_opts: dict[str, Any], model_name: str, flag: str = "--set"
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -107,7 +138,7 @@ def split_overrides(
     train_defaults = {name: f.default for name, f in fields.items()}
     train_kw: dict[str, Any] = {}
     model_kw: dict[str, Any] = {}
-    for item in sets:
+    for item in expand_protocol(sets, flag):
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set lr=3e-4")
         key, text = (s.strip() for s in item.split("=", 1))

@@ -25,7 +25,7 @@ class Rules(NamedTuple):
 
     @classmethod
     def of(cls, cfg) -> Rules:
-        return cls(patience=cfg.patience, min_epochs=cfg.min_epochs,
+        return cls(patience=cfg.patience, min_epochs=cfg.min_epochs, min_delta=cfg.min_delta,
                    reduce_lr_factor=cfg.reduce_lr_factor, min_lr=cfg.min_lr)
 
 

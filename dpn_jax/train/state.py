@@ -74,9 +74,25 @@ def init_state(model: nn.Module, example_batch: dict, cfg: TrainConfig,
     dropout_key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 1)
     variables = (init_fn or make_init_fn(model))(init_key, example_batch)
     params = variables["params"]
+    if cfg.dense_init == "xavier_normal":
+        params = xavier_normal_dense(params, jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 2))
     batch_stats = variables.get("batch_stats", {})
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                       opt_state=tx.init(params), rng=dropout_key)
+
+
+def xavier_normal_dense(params, key: jax.Array):
+    """Every 2-D ``kernel`` (a Dense layer's ``[fan_in, fan_out]``) redrawn from
+    N(0, 2 / (fan_in + fan_out)), untruncated, as PyTorch's ``xavier_normal_``; everything else
+    (biases, embeddings, BatchNorm, generator tensors) kept."""
+    draw = jax.nn.initializers.variance_scaling(1.0, "fan_avg", "normal")
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    out = []
+    for i, (path, leaf) in enumerate(leaves):
+        if getattr(path[-1], "key", None) == "kernel" and leaf.ndim == 2:
+            leaf = draw(jax.random.fold_in(key, i), leaf.shape, leaf.dtype)
+        out.append(leaf)
+    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def count_params(params) -> int:
