@@ -108,13 +108,15 @@ def test_run_epoch_reads_every_fourth_step_and_the_last(per_dispatch):
     assert len(seen) == 2 and ep.untimed_rows == (4 + 2) * per_dispatch  # rows of the compiling steps
 
 
-def test_run_epoch_continues_a_tally_and_calls_after_each_dispatch():
+def test_run_epoch_continues_a_tally_and_checkpoints_after_each_dispatch():
     after = []
     tally = EpochTally(6, np.asarray([1.5]), np.asarray([1]), first_step=6)
     ep = run_epoch(6, _fake_program(lambda i: [1.0]), _blocks([4] * 4), tally=tally, steps_per_epoch=10,
                    seen_shapes={(4,)}, bar=EpochProgress(10, 4, enabled=False),
-                   check=lambda s, n, v: float(v[0]), after_dispatch=lambda s, t: after.append(t.steps))
-    assert after == [7, 8, 9, 10] and ep.untimed_rows == 0 and ep.compile_seconds == 0.0
+                   check=lambda s, n, v: float(v[0]), checkpoint=lambda s, t: after.append(t.steps),
+                   checkpoint_every=1)
+    # the epoch's last step is saved by the checkpoint at the epoch's end, not mid-epoch
+    assert after == [7, 8, 9] and ep.untimed_rows == 0 and ep.compile_seconds == 0.0
     np.testing.assert_allclose(ep.tally.loss_sum, [1.5 + 1.0 + 1.0])  # steps 8 and 10 read
     assert ep.tally.first_step == 6 and ep.state == 10
 
@@ -130,7 +132,7 @@ def test_stacked_feeder_zips_each_seeds_order():
             np.testing.assert_array_equal(g["x"][k], a["x"])
     np.testing.assert_array_equal(feeder.keys(4)[1], jax.random.PRNGKey(9))
     single = Feeder(split, 16, (3,))
-    np.testing.assert_array_equal(next(single.blocks(2, 1))["x"], next(batches(split, 16, shuffle=True, seed=3,
+    np.testing.assert_array_equal(next(single.blocks(2, 1))["x"][0], next(batches(split, 16, shuffle=True, seed=3,
                                                                               epoch=2, start_batch=1))["x"])
 
 

@@ -138,28 +138,34 @@ def test_prefetch_places_ahead_stops_when_closed_and_reraises(sharded):
 def test_fit_streams_a_sharded_train_split(tiny_synthetic, tmp_path):
     import dataclasses
 
-    import jax
-
     from dpn_jax.models import build_model
     from dpn_jax.train.config import TrainConfig
     from dpn_jax.train.loop import fit
+    from dpn_jax.train.sharding import Layout
 
     data = dataclasses.replace(tiny_synthetic, train=shard_split(tiny_synthetic.train, tmp_path / "t",
                                                                  rows_per_shard=500, memory_budget_mb=1))
-    calls = []
-    real = ShardedSplit.batches
+    calls, placed = [], []
+    real, real_place = ShardedSplit.batches, Layout.place_block
 
     def spy(self, *a, **kw):
-        calls.append(kw["place"])
+        calls.append(kw.get("place"))
         return real(self, *a, **kw)
 
-    ShardedSplit.batches = spy
+    def place_spy(self, block):
+        placed.append(threading.current_thread().name)
+        return real_place(self, block)
+
+    ShardedSplit.batches, Layout.place_block = spy, place_spy
     try:
         cfg = TrainConfig(lr=1e-2, batch_size=256, eval_batch_size=1024, max_epochs=2, patience=5)
         res = fit(build_model("lr", data.schema), data, cfg, log=lambda s: None, progress=False)
     finally:
-        ShardedSplit.batches = real
-    assert calls == [jax.device_put] * 2  # one epoch stream each, placed on the device ahead
+        ShardedSplit.batches, Layout.place_block = real, real_place
+    # one epoch stream each (BatchNorm-free: no re-estimation stream), read on the host ...
+    assert calls == [None] * 2
+    # ... and every block put on the device ahead of its step, by the feeding thread
+    assert len(placed) == 2 * 10 and set(placed) == {"dpn-prefetch"}
     assert res.epochs == 2 and np.isfinite(res.history[-1]["train_loss"]) and res.valid["auc"] > 0.6
 
 

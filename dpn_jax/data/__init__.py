@@ -41,7 +41,7 @@ BUILTIN = ("frappe", "synthetic", *TABULAR_BUILTIN, *BEHAVIOUR_BUILTIN)
 
 __all__ = [
     "BUILTIN", "Dataset", "DatasetSpec", "FieldInfo", "FieldSpec", "FittedEncoders", "Schema", "Split",
-    "batches", "build_dataset", "find_data_dir", "fit_encoders", "load_dataset", "load_frappe",
+    "batch_order", "batches", "build_dataset", "find_data_dir", "fit_encoders", "load_dataset", "load_frappe",
     "load_spec", "load_spec_dataset", "padded_batches", "parse_spec", "split_len",
 ]  # fmt: skip
 
@@ -107,17 +107,23 @@ def load_spec_dataset(
     return cache.cached_dataset(spec, encode.build_dataset, cache_dir)
 
 
+def batch_order(n: int, *, shuffle: bool, seed: int, epoch: int) -> np.ndarray:
+    """The row order of an epoch of :func:`batches`: a permutation from ``default_rng((seed,
+    epoch))`` (reproducible per epoch), or ``0..n-1`` without ``shuffle``."""
+    return np.random.default_rng((seed, epoch)).permutation(n) if shuffle else np.arange(n)
+
+
 def batches(
     split: Split, batch_size: int, *, shuffle: bool, seed: int, epoch: int, drop_last: bool = False,
     start_batch: int = 0,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Mini-batches (numpy dicts with the split's keys) covering every row once per epoch.
-    The order is a permutation from ``default_rng((seed, epoch))``: reproducible per epoch.
-    ``start_batch`` skips that many batches of the epoch (resuming mid-epoch) without reading them."""
+    """Mini-batches (numpy dicts with the split's keys) covering every row once per epoch, in
+    the order of :func:`batch_order`. ``start_batch`` skips that many batches of the epoch
+    (resuming mid-epoch) without reading them."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     n = split_len(split)
-    order = np.random.default_rng((seed, epoch)).permutation(n) if shuffle else np.arange(n)
+    order = batch_order(n, shuffle=shuffle, seed=seed, epoch=epoch)
     stop = n - n % batch_size if drop_last else n
     for start in range(start_batch * batch_size, stop, batch_size):
         idx = order[start : start + batch_size]

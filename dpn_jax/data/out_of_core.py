@@ -312,11 +312,11 @@ class ShardedSplit(Mapping):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.window_shards(batch_size)  # a too-small budget fails here, not in the thread
-        return _prefetch(self._epoch(batch_size, shuffle, seed, epoch, drop_last, start_batch),
+        return prefetch(self._epoch(batch_size, shuffle, seed, epoch, drop_last, start_batch),
                          place, self.prefetch)
 
 
-def _prefetch(items: Iterable, place: Callable | None, depth: int) -> Iterator:
+def prefetch(items: Iterable, place: Callable | None, depth: int) -> Iterator:
     """``items`` (mapped by ``place``) produced by a daemon thread into a queue of ``depth``;
     errors re-raise in the consumer; closing the generator stops the thread."""
     q: queue.Queue = queue.Queue(maxsize=max(1, depth))

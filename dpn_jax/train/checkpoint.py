@@ -33,7 +33,8 @@ from dpn_jax.train.engine import Best, EpochTally, Timing
 
 KEEP = 2
 # Training options that may change on resume: they change neither the state nor the data order.
-MAY_CHANGE = ("max_epochs", "eval_batch_size", "checkpoint_every_steps", "on_nonfinite")
+MAY_CHANGE = ("max_epochs", "eval_batch_size", "checkpoint_every_steps", "on_nonfinite", "steps_per_dispatch",
+              "data_on_device")
 
 
 @jax.jit

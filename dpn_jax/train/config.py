@@ -17,6 +17,7 @@ LAZY_ADAM_KERNELS = ("xla", "native")
 MONITORS = ("auc", "auc-logloss")
 NONFINITE_MODES = ("stop", "skip")
 DENSE_INITS = ("model", "xavier_normal")
+DATA_ON_DEVICE = ("auto", "true", "false")  # dpn_jax.train.device_data
 
 # Named protocols for ``--set protocol=NAME``: a preset of training options, applied before
 # the other ``--set`` keys (which win). "fuxictr": FuxiCTR 2.3.10's BaseModel defaults, to
@@ -75,6 +76,14 @@ class TrainConfig:
     # A non-finite loss: "stop" raises NonFiniteLoss (the last checkpoint stays good); "skip"
     # drops each step whose loss or gradients are non-finite, leaving the state unchanged.
     on_nonfinite: str = option("stop", choices=NONFINITE_MODES)
+    # Train steps per jitted call: a lax.scan over a block of this many batches, which amortises
+    # the fixed cost of a call (it bounds small steps on GPUs and TPUs). The data order, the rows
+    # trained and, to float rounding, the parameters are those of 1; checkpoints fall between blocks.
+    steps_per_dispatch: int = option(1, ge=1)
+    # The encoded splits held on the device, each batch gathered there: "true", "false" (the host
+    # gathers each block and a thread puts it on the device while the previous one trains), or
+    # "auto": on an accelerator when they take at most a quarter of its memory; off on the CPU.
+    data_on_device: str = option("auto", choices=DATA_ON_DEVICE)
 
     def __post_init__(self) -> None:
         check_fields(self)  # one line naming the option, its value and its range
@@ -107,8 +116,8 @@ def parse_value(text: str, default: Any, key: str, flag: str = "--set") -> Any:
         return type(default)(value)
     if default is None:
         return value
-    if isinstance(default, str):
-        return str(value)
+    if isinstance(default, str):  # YAML reads true/false as booleans; a choice keeps the word
+        return str(value).lower() if isinstance(value, bool) else str(value)
     return value
 
 

@@ -3,17 +3,18 @@ optionally on a device mesh) and :func:`dpn_jax.train.sweep.fit_sweep` (replicas
 leading axis of every array). Each epoch of either is:
 
 1. :func:`run_epoch`: the train steps, fed by :meth:`Feeder.blocks` and run by the
-   :class:`Program`'s ``dispatch``; compilation timed apart, the loss read every
-   :data:`READ_EVERY` steps;
+   :class:`Program`'s ``dispatch``, ``steps_per_dispatch`` of them per call (:func:`dispatch_of`:
+   a ``lax.scan`` over a block of batches); compilation timed apart, the loss read every
+   :data:`READ_EVERY` steps, one dispatch behind, so the host queues the next block first;
 2. :func:`recalibrate_bn`: precise BatchNorm statistics from training batches in another order;
 3. :func:`evaluate` (:func:`evaluate_replicas`) on validation, :func:`monitor_score`, and the
    protocol's verdict (:func:`dpn_jax.train.early_stopping.update`): keep a :class:`Best`, stop,
    or change the learning rate;
 4. :func:`history_row`; after the last epoch, :func:`fit_result` builds the :class:`FitResult`.
 
-Batches are fed in one place (:class:`Feeder`) and steps dispatched in one place (``dispatch``
-returns one loss per step it ran, on a leading axis): running several steps per dispatch changes
-those two and nothing else.
+Batches are fed in one place (:class:`Feeder`: from the host, two blocks ahead, or gathered
+on the device, :mod:`dpn_jax.train.device_data`) and steps dispatched in one place
+(``dispatch`` returns one loss per step it ran, on a leading axis).
 """
 
 from __future__ import annotations
@@ -29,10 +30,12 @@ import jax.numpy as jnp
 import numpy as np
 
 import dpn_jax.data
-from dpn_jax.data import padded_batches
+from dpn_jax.data import batch_order, padded_batches
+from dpn_jax.data.out_of_core import prefetch
 from dpn_jax.data.schema import Split, split_len
 from dpn_jax.errors import ConfigError
 from dpn_jax.train import batchnorm
+from dpn_jax.train.device_data import DeviceSplit, block_plan, group
 from dpn_jax.train.metrics import auc, logloss_from_logits
 from dpn_jax.train.progress import EpochProgress
 from dpn_jax.train.sharding import Layout
@@ -40,6 +43,7 @@ from dpn_jax.train.state import count_params
 
 READ_EVERY = 4  # the loss is read (a host synchronisation) every this many steps and at an epoch's end
 BN_SEED_OFFSET = 7919  # BatchNorm re-estimation draws its batches in another order than training
+AHEAD = 2  # host blocks put on the device ahead of the step that trains on them
 
 
 @dataclasses.dataclass
@@ -90,7 +94,8 @@ def fit_result(best: Best, history: list[dict], test: dict[str, float], timing: 
 
 def history_row(epoch: int, train_loss: float, valid: dict[str, float], lr: float, seconds: float) -> dict:
     """One epoch's row of ``FitResult.history`` (``fit`` may add ``skipped_steps`` and the
-    ``on_epoch`` hook's entries)."""
+    ``on_epoch`` hook's entries); ``seconds``: the wall time of its train steps and BatchNorm
+    re-estimation, compilation included, evaluation not."""
     return {"epoch": epoch, "train_loss": train_loss, "valid_auc": valid["auc"],
             "valid_logloss": valid["logloss"], "lr": lr, "epoch_seconds": seconds}
 
@@ -114,9 +119,15 @@ def monitor_score(name: str, metrics: dict[str, float]) -> float:
     return MONITORS[name](metrics)
 
 
-def predict_logits(predict, params, batch_stats, split: Split, batch_size: int) -> np.ndarray:
+def predict_logits(predict, params, batch_stats, split: Split | DeviceSplit, batch_size: int) -> np.ndarray:
     """Logits for every row of ``split`` in order -- ``[rows]``, or ``[replicas, rows]`` when
-    ``predict`` maps stacked parameters; the last batch is padded, then cut."""
+    ``predict`` maps stacked parameters; the last batch is padded, then cut. A
+    :class:`DeviceSplit` is batched on the device and its logits read once, at the end."""
+    if isinstance(split, DeviceSplit):
+        out = [predict(params, batch_stats, batch) for batch in split.padded_batches(batch_size)]
+        if not out:
+            return np.zeros((0,), np.float32)
+        return np.concatenate(jax.device_get(out), axis=-1)[..., :split.n]
     out = []
     for batch in padded_batches(split, batch_size):
         logits = predict(params, batch_stats, batch)
@@ -128,14 +139,19 @@ def scores(labels: np.ndarray, logits: np.ndarray) -> dict[str, float]:
     return {"auc": auc(labels, logits), "logloss": logloss_from_logits(labels, logits)}
 
 
-def evaluate(predict, params, batch_stats, split: Split, batch_size: int) -> dict[str, float]:
+def _labels(split: Split | DeviceSplit) -> np.ndarray:
+    return np.asarray((split.host if isinstance(split, DeviceSplit) else split)["label"])
+
+
+def evaluate(predict, params, batch_stats, split: Split | DeviceSplit, batch_size: int) -> dict[str, float]:
     """Exact AUC and logloss on every row of ``split``."""
-    return scores(np.asarray(split["label"]), predict_logits(predict, params, batch_stats, split, batch_size))
+    return scores(_labels(split), predict_logits(predict, params, batch_stats, split, batch_size))
 
 
-def evaluate_replicas(predict, params, batch_stats, split: Split, batch_size: int) -> list[dict[str, float]]:
+def evaluate_replicas(predict, params, batch_stats, split: Split | DeviceSplit,
+                      batch_size: int) -> list[dict[str, float]]:
     """:func:`evaluate` for every replica of stacked parameters."""
-    labels = np.asarray(split["label"])
+    labels = _labels(split)
     return [scores(labels, lg) for lg in predict_logits(predict, params, batch_stats, split, batch_size)]
 
 
@@ -145,20 +161,24 @@ def evaluate_replicas(predict, params, batch_stats, split: Split, batch_size: in
 class Program(NamedTuple):
     """The jitted functions of a training run: ``fit``'s, or a sweep's over stacked replicas."""
 
-    # (state, block) -> (state, losses): one loss per step run, on a leading axis (then replicas)
+    # (state, block [steps, ...]) -> (state, losses [steps, ...]): one loss per step run
     dispatch: Callable[[Any, dict], tuple[Any, jax.Array]]
     predict: Callable[[Any, Any, dict], jax.Array]  # (params, batch_stats, batch) -> logits
     batch_stats: Callable | None  # (params, stats_in, batch, rng) -> batch_stats; None: no BatchNorm
     fold_in: Callable = jax.random.fold_in  # of the re-estimation's keys
 
 
-def one_step(step: Callable) -> Callable:
-    """A train step ``(state, batch, *args) -> (state, loss)`` as a dispatch of one step: the loss
-    gets its leading step axis inside the (jitted) program, costing no extra device call."""
+def dispatch_of(step: Callable) -> Callable:
+    """A train step ``(state, batch, *args) -> (state, loss)`` as a dispatch of a block of
+    batches ``[steps, ...]``: ``lax.scan`` of the step over them, returning every step's loss
+    ``[steps, ...]``; a block of one runs the step itself (the program one step per dispatch
+    always ran). Each step is the same step, so ``on_nonfinite=skip`` decides per step."""
 
-    def dispatch(state, batch, *args):
-        state, loss = step(state, batch, *args)
-        return state, loss[None]
+    def dispatch(state, block, *args):
+        if jax.tree.leaves(block)[0].shape[0] == 1:
+            state, loss = step(state, jax.tree.map(lambda x: x[0], block), *args)
+            return state, loss[None]
+        return jax.lax.scan(lambda s, batch: step(s, batch, *args), state, block)
 
     return dispatch
 
@@ -168,34 +188,69 @@ class Feeder:
     """The training batches of a run, for its train steps and for BatchNorm re-estimation.
 
     ``seeds``: one data order per seed (``fit``: one). ``stacked`` (sweeps): the orders' batches
-    zipped on a leading replica axis. ``layout`` (``fit``): batches laid out on its mesh; a
-    streamed split places them in its prefetch thread."""
+    zipped on a leading replica axis. ``layout`` (``fit``): batches laid out on its mesh.
+    ``steps``: batches per dispatch (:func:`dpn_jax.train.device_data.block_plan`). ``device``:
+    the split on the device, where batches are gathered; otherwise the host gathers them and a
+    thread puts each block on the device while the one before it trains."""
 
     split: Split
     batch_size: int
     seeds: tuple[int, ...]
     stacked: bool = False
     layout: Layout | None = None
+    steps: int = 1
+    device: DeviceSplit | None = None
+
+    def orders(self, epoch: int, seed_offset: int = 0) -> np.ndarray:
+        """Epoch ``epoch``'s row order (``[n]``; stacked: ``[replicas, n]``), as the host draws it."""
+        n = split_len(self.split)
+        orders = [batch_order(n, shuffle=True, seed=s + seed_offset, epoch=epoch) for s in self.seeds]
+        return np.stack(orders) if self.stacked else orders[0]
 
     def batches(self, epoch: int, *, seed_offset: int = 0, start_batch: int = 0,
                 drop_last: bool = False) -> Iterator[dict]:
         """Epoch ``epoch``'s batches in the order of ``seed + seed_offset``, from ``start_batch`` on."""
+        if self.device is not None:
+            plan = block_plan(split_len(self.split), self.batch_size, 1, start_batch)
+            plan = [p for p in plan if p[2] == self.batch_size or not drop_last]
+            order = self.device.order(self.orders(epoch, seed_offset))
+            return (self.device.take(order, start, None, rows) for start, _, rows in plan)
+        return self._host_batches(epoch, seed_offset, start_batch, drop_last, place=True)
+
+    def _host_batches(self, epoch: int, seed_offset: int, start_batch: int, drop_last: bool,
+                      place: bool) -> Iterator[dict]:
         kw = dict(shuffle=True, epoch=epoch, drop_last=drop_last, start_batch=start_batch)
         if not self.stacked:
+            if not place:
+                return _host(self.split, self.batch_size, seed=self.seeds[0] + seed_offset, **kw)
             layout = self.layout or Layout(None, None)
             return layout.batches(self.split, self.batch_size, seed=self.seeds[0] + seed_offset, **kw)
-        its = [dpn_jax.data.batches(self.split, self.batch_size, seed=s + seed_offset, **kw) for s in self.seeds]
+        its = [_host(self.split, self.batch_size, seed=s + seed_offset, **kw) for s in self.seeds]
         return ({k: np.stack([p[k] for p in parts]) for k in parts[0]} for parts in zip(*its))
 
     def blocks(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
-        """What each dispatch of epoch ``epoch`` gets, from step ``start_step`` on: one batch."""
-        return self.batches(epoch, start_batch=start_step)
+        """What each dispatch of epoch ``epoch`` gets, from step ``start_step`` on: a block of
+        batches with a leading step axis (:func:`dpn_jax.train.device_data.block_plan`)."""
+        plan = block_plan(split_len(self.split), self.batch_size, self.steps, start_step)
+        if self.device is not None:
+            order = self.device.order(self.orders(epoch))
+            return (self.device.take(order, start, steps, rows) for start, steps, rows in plan)
+        host = group(self._host_batches(epoch, 0, start_step, False, place=False), plan)
+        layout = self.layout or Layout(None, None)
+        return prefetch(host, layout.place_block, AHEAD)
 
     def keys(self, epoch: int) -> jax.Array:
         """The dropout key(s) of epoch ``epoch``'s BatchNorm re-estimation."""
         if not self.stacked:
             return jax.random.PRNGKey(self.seeds[0] + epoch)
         return jnp.stack([jax.random.PRNGKey(s + epoch) for s in self.seeds])
+
+
+def _host(split, batch_size: int, **kw) -> Iterator[dict]:
+    """Host batches of ``split``: ``dpn_jax.data.batches``, or a streamed split's own reader."""
+    if hasattr(split, "batches"):
+        return split.batches(batch_size, **kw)
+    return dpn_jax.data.batches(split, batch_size, **kw)
 
 
 class EpochTally(NamedTuple):
@@ -234,17 +289,34 @@ class EpochRun(NamedTuple):
 
 def run_epoch(state, program: Program, blocks: Iterable[dict], *, tally: EpochTally, steps_per_epoch: int,
               seen_shapes: set, bar: EpochProgress, check: Callable[[Any, int, np.ndarray], float],
-              after_dispatch: Callable[[Any, EpochTally], None] | None = None,
+              checkpoint: Callable[[Any, EpochTally], None] | None = None, checkpoint_every: int = 0,
               untimed_rows: int = 0) -> EpochRun:
     """Run the train steps of ``blocks``, continuing ``tally``.
 
-    The first dispatch of each batch shape compiles: it is timed apart (``seen_shapes`` holds the
+    The first dispatch of each block shape compiles: it is timed apart (``seen_shapes`` holds the
     shapes compiled so far). Every :data:`READ_EVERY` steps and at the epoch's last, the loss of
-    that step is read, one value per replica: ``check(state, step, values)`` reacts to non-finite
-    ones (raises, or drops replicas) and returns the loss to show on ``bar``; the finite ones are
-    summed into the tally. ``after_dispatch(state, tally)`` runs after each dispatch (checkpoints)."""
+    that step is read, one value per replica -- after the next dispatch is queued, so the device
+    never waits for the host between dispatches: ``check(state, step, values)`` (``state``: the
+    newest, a dispatch may have run since) reacts to non-finite values (raises, or drops
+    replicas) and returns the loss to show on ``bar``; the finite ones are summed into the tally.
+    ``checkpoint(state, tally)`` runs, every loss read, after each dispatch that passes a multiple
+    of ``checkpoint_every`` steps (at the end of the block holding it) before the epoch's last."""
     t0 = time.perf_counter()
     compile_seconds = 0.0
+    pending = None  # (steps before it, losses) of the last dispatch: read after the next one
+
+    def read(tally: EpochTally) -> EpochTally:
+        done, losses = pending
+        values = None
+        for step in range(done + 1, done + losses.shape[0] + 1):
+            if step % READ_EVERY == 0 or step == steps_per_epoch:
+                if values is None:
+                    values = np.asarray(losses, np.float64).reshape(losses.shape[0], -1)
+                shown = check(state, step, values[step - done - 1])
+                tally = tally.add(values[step - done - 1])
+                bar.update(step, shown)
+        return tally
+
     for block in blocks:
         shape = tuple(block["label"].shape)
         if shape not in seen_shapes:  # first call of a shape compiles: time it apart
@@ -258,18 +330,16 @@ def run_epoch(state, program: Program, blocks: Iterable[dict], *, tally: EpochTa
             bar.restart_clock(tally.steps + losses.shape[0])
         else:
             state, losses = program.dispatch(state, block)
-        done, tally = tally.steps, tally._replace(steps=tally.steps + losses.shape[0])
-        read = None
-        for step in range(done + 1, tally.steps + 1):
-            if step % READ_EVERY == 0 or step == steps_per_epoch:
-                if read is None:
-                    read = np.asarray(losses, np.float64).reshape(losses.shape[0], -1)
-                values = read[step - done - 1]
-                shown = check(state, step, values)
-                tally = tally.add(values)
-                bar.update(step, shown)
-        if after_dispatch is not None:
-            after_dispatch(state, tally)
+        if pending is not None:
+            tally = read(tally)
+        done = tally.steps
+        tally, pending = tally._replace(steps=done + losses.shape[0]), (done, losses)
+        if (checkpoint is not None and checkpoint_every and tally.steps < steps_per_epoch
+                and tally.steps // checkpoint_every > done // checkpoint_every):
+            tally, pending = read(tally), None
+            checkpoint(state, tally)
+    if pending is not None:
+        tally = read(tally)
     jax.block_until_ready(state)
     return EpochRun(state, tally, time.perf_counter() - t0, compile_seconds, untimed_rows)
 

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import flax.linen as nn
+import jax
 from jax.sharding import Mesh
 
 from dpn_jax.data.schema import Dataset, split_len
@@ -23,6 +25,7 @@ from dpn_jax.errors import ConfigError, DpnError
 from dpn_jax.train import batchnorm, early_stopping
 from dpn_jax.train.checkpoint import Checkpoints, all_finite, describe, run_defaults, run_metadata
 from dpn_jax.train.config import TrainConfig
+from dpn_jax.train.device_data import place_splits
 from dpn_jax.train.engine import (
     MONITORS,
     READ_EVERY,
@@ -32,12 +35,12 @@ from dpn_jax.train.engine import (
     FitResult,
     Program,
     Timing,
+    dispatch_of,
     evaluate,
     example_batch,
     fit_result,
     history_row,
     monitor_score,
-    one_step,
     predict_logits,
     recalibrate_bn,
     run_epoch,
@@ -86,10 +89,12 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, *,
     state: TrainState = init_state(model, example_batch(data.train), cfg, tx)
     layout = Layout.create(mesh, model)  # without a mesh: the model, state and jax.jit as they are
     model, state = layout.model, layout.place_state(state)
-    program = Program(dispatch=layout.jit_step(one_step(make_train_step(model, cfg, tx))),
+    program = Program(dispatch=layout.jit_step(dispatch_of(make_train_step(model, cfg, tx))),
                       predict=layout.jit_predict(make_predict(model)),
                       batch_stats=batchnorm.make_batch_stats_fn(model) if state.batch_stats else None)
-    feeder = Feeder(data.train, cfg.batch_size, (cfg.seed,), layout=layout)
+    train, valid_split, test_split = place_splits(data, cfg.data_on_device, layout, log)
+    feeder = Feeder(data.train, cfg.batch_size, (cfg.seed,), layout=layout, steps=cfg.steps_per_dispatch,
+                    device=None if train is data.train else train)
     rules = early_stopping.Rules.of(cfg)
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
     bar = EpochProgress(steps_per_epoch, cfg.batch_size, enabled=progress)
@@ -108,9 +113,9 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, *,
         end_epoch = 0 if r.stopped else cfg.max_epochs  # an early-stopped run has only its test left
         log(f"resume from {last_saved}: epoch {r.epoch}, {r.batch} of {steps_per_epoch} batches done")
 
-    def diverged(what: str, epoch: int, n_steps: int, state) -> NonFiniteLoss:
+    def diverged(what: str, epoch: int, n_steps: int, step: int) -> NonFiniteLoss:
         return NonFiniteLoss(
-            f"{what} at epoch {epoch}, batch {n_steps} of {steps_per_epoch} (step {int(state.step)}; "
+            f"{what} at epoch {epoch}, batch {n_steps} of {steps_per_epoch} (step {step}; "
             f"the loss is read every {READ_EVERY} batches): lower the learning rate (--set lr=...), set "
             f"--set grad_clip=10, or skip such steps with --set on_nonfinite=skip"
             + (f"; {describe(last_saved)} (continue it with --resume)" if ckpt else ""))
@@ -119,7 +124,7 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, *,
         # A diverged state must never replace the last good checkpoint.
         nonlocal last_saved
         if not all_finite((state.params, state.opt_state)):
-            raise diverged("non-finite parameters", epoch, tally.steps, state)
+            raise diverged("non-finite parameters", epoch, tally.steps, int(state.step))
         done = tally.steps == steps_per_epoch
         last_saved = ckpt.save((epoch - 1) * steps_per_epoch + tally.steps, state, best, run=run, progress=dict(
             epoch=epoch + done, batch=0 if done else tally.steps, stopped=stopped, history=history,
@@ -131,28 +136,27 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, *,
             state = layout.place_state(state)  # a new lr / recalibrated statistics: back on the mesh
             tally = resumed if epoch == first_epoch and resumed else EpochTally.start(1, int(state.step))
 
-            def check(state, n_steps: int, values, epoch=epoch) -> float:
+            def check(state, n_steps: int, values, epoch=epoch, first=tally.first_step) -> float:
                 value = float(values[0])
-                if not math.isfinite(value) and cfg.on_nonfinite == "stop":
-                    raise diverged(f"non-finite training loss {value}", epoch, n_steps, state)
+                if not math.isfinite(value) and cfg.on_nonfinite == "stop":  # no step skipped yet
+                    raise diverged(f"non-finite training loss {value}", epoch, n_steps, first + n_steps)
                 return value
-
-            def checkpoint_within(state, tally: EpochTally, epoch=epoch) -> None:
-                if tally.steps % cfg.checkpoint_every_steps == 0 and tally.steps < steps_per_epoch:
-                    save(epoch, state, tally)
 
             ep = run_epoch(state, program, feeder.blocks(epoch, tally.steps), tally=tally,
                            steps_per_epoch=steps_per_epoch, seen_shapes=seen_shapes, bar=bar, check=check,
-                           after_dispatch=checkpoint_within if ckpt and cfg.checkpoint_every_steps else None,
+                           checkpoint=lambda state, tally, epoch=epoch: save(epoch, state, tally),
+                           checkpoint_every=cfg.checkpoint_every_steps if ckpt else 0,
                            untimed_rows=min(n_train, tally.steps * cfg.batch_size))
             state, tally = ep.state, ep.tally
             timing = timing.add(ep, n_train - ep.untimed_rows)
 
-            state = state.replace(batch_stats=recalibrate_bn(program, state, feeder, epoch, cfg))
-            valid = evaluate(program.predict, state.params, state.batch_stats, data.valid, cfg.eval_batch_size)
+            b0 = time.perf_counter()
+            state = state.replace(batch_stats=jax.block_until_ready(recalibrate_bn(program, state, feeder, epoch, cfg)))
+            seconds = ep.seconds + time.perf_counter() - b0
+            valid = evaluate(program.predict, state.params, state.batch_stats, valid_split, cfg.eval_batch_size)
             lr = get_lr(state)
             stop_state, decision = early_stopping.update(rules, stop_state, monitor_score(cfg.monitor, valid), lr)
-            row = history_row(epoch, float(tally.mean_loss()[0]), valid, lr, ep.seconds)
+            row = history_row(epoch, float(tally.mean_loss()[0]), valid, lr, seconds)
             if cfg.on_nonfinite == "skip":  # a skipped step leaves state.step unchanged
                 row["skipped_steps"] = tally.steps - (int(state.step) - tally.first_step)
             if on_epoch is not None:
@@ -160,7 +164,7 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, *,
             history.append(row)
             bar.end_epoch()
             log(f"epoch {epoch:3d}  loss {row['train_loss']:.4f}  valid auc {valid['auc']:.4f}  "
-                f"logloss {valid['logloss']:.4f}  lr {lr:.1e}  {ep.seconds:.1f}s"
+                f"logloss {valid['logloss']:.4f}  lr {lr:.1e}  {seconds:.1f}s"
                 + ("  *best" if decision.improved else ""))
             if decision.improved:
                 best = Best(layout.to_host(state.params), layout.to_host(state.batch_stats), epoch, valid)
@@ -179,5 +183,5 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, *,
     if best is None:
         raise NonFiniteLoss(f"no epoch of {len(history)} had a finite validation {cfg.monitor}; "
                             "lower the learning rate (--set lr=...) or set --set grad_clip=10")
-    test = evaluate(program.predict, best.params, best.batch_stats, data.test, cfg.eval_batch_size)
+    test = evaluate(program.predict, best.params, best.batch_stats, test_split, cfg.eval_batch_size)
     return fit_result(best._replace(params=layout.unpad(best.params)), history, test, timing)

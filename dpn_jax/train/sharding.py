@@ -89,9 +89,10 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Rows over ``data``; trailing dimensions whole."""
-    return NamedSharding(mesh, P("data"))
+def batch_sharding(mesh: Mesh, row_axis: int = 0) -> NamedSharding:
+    """Rows (axis ``row_axis``: 1 in a block of batches ``[steps, rows, ...]``) over ``data``;
+    the other dimensions whole."""
+    return NamedSharding(mesh, P(*([None] * row_axis), "data"))
 
 
 def table_sharding(mesh: Mesh) -> NamedSharding:
@@ -139,11 +140,11 @@ def place_state(state: Any, mesh: Mesh) -> Any:
     return jax.tree.map(_put, state, state_sharding(state, mesh))
 
 
-def place_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """A global batch (host numpy, the same on every process) as arrays split by rows over
-    ``data``; replicated when its rows do not divide the ``data`` axis."""
-    rows = int(next(iter(batch.values())).shape[0])
-    sharding = batch_sharding(mesh) if rows % mesh.shape["data"] == 0 else replicated(mesh)
+def place_batch(batch: dict[str, np.ndarray], mesh: Mesh, row_axis: int = 0) -> dict[str, jax.Array]:
+    """A global batch (host numpy, the same on every process) as arrays split by rows (axis
+    ``row_axis``) over ``data``; replicated when its rows do not divide the ``data`` axis."""
+    rows = int(next(iter(batch.values())).shape[row_axis])
+    sharding = batch_sharding(mesh, row_axis) if rows % mesh.shape["data"] == 0 else replicated(mesh)
     if jax.process_count() == 1:
         return jax.device_put(batch, sharding)
     # Every process passes the whole batch with the global shape: each device takes its rows.
@@ -242,6 +243,11 @@ class Layout:
 
     def place_batch(self, batch: dict) -> dict:
         return batch if self.mesh is None else place_batch(batch, self.mesh)
+
+    def place_block(self, block: dict) -> dict:
+        """A block of batches ``[steps, rows, ...]`` (host numpy) on the device(s): on a mesh,
+        each batch split by rows over ``data`` as :meth:`place_batch` splits one."""
+        return jax.device_put(block) if self.mesh is None else place_batch(block, self.mesh, row_axis=1)
 
     def batches(self, split: Any, batch_size: int, **kw: Any) -> Iterator[dict]:
         """``dpn_jax.data.batches(split, batch_size, **kw)`` laid out on the mesh. A streamed

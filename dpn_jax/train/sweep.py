@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from dpn_jax.data.schema import Dataset, split_len
 from dpn_jax.errors import ConfigError, DpnError
 from dpn_jax.train import batchnorm, early_stopping, engine, sweep_checkpoint
 from dpn_jax.train.config import TrainConfig
+from dpn_jax.train.device_data import device_memory_bytes, place_splits
 from dpn_jax.train.optimizer import learning_rate
 from dpn_jax.train.progress import EpochProgress
 from dpn_jax.train.state import (
@@ -96,17 +97,6 @@ def replica_bytes(model: nn.Module, example: dict, cfg: TrainConfig) -> tuple[in
     _, inter = jax.eval_shape(lambda v, b: model.apply(v, b, train=False, capture_intermediates=True,
                                                        mutable=["intermediates"]), variables, batch)
     return nbytes(shapes) + 2 * nbytes(shapes.params), 2 * nbytes(inter)
-
-
-def device_memory_bytes() -> int:
-    """What the default device can hold: the accelerator's limit, or half the host's RAM on CPU."""
-    try:
-        stats = jax.devices()[0].memory_stats()
-    except Exception:  # noqa: BLE001 - backends without memory_stats
-        stats = None
-    if stats and stats.get("bytes_limit"):
-        return int(stats["bytes_limit"])
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2)
 
 
 def plan_chunk(n: int, per_replica: int, budget: int) -> int:
@@ -209,7 +199,7 @@ def _fit_chunk(model, data: Dataset, cfgs: list[TrainConfig], *, log, progress, 
     def stats_one(params, stats_in, batch, rng, rate):
         return batchnorm.batch_stats_fn(model_with(rate))(params, stats_in, batch, rng)
 
-    train_step = jax.jit(engine.one_step(sweep_step), donate_argnums=0)
+    train_step = jax.jit(engine.dispatch_of(sweep_step), donate_argnums=0)
     predict = jax.jit(jax.vmap(make_predict(model), in_axes=(0, 0, None)))
     stats_of = None
     if state.batch_stats:
@@ -232,6 +222,7 @@ def _fit_chunk(model, data: Dataset, cfgs: list[TrainConfig], *, log, progress, 
     timing = engine.Timing()
     seen_shapes: set[tuple[int, ...]] = set()
     label = f"replicas {first}-{first + K - 1}"
+    train, valid_split, test_split = place_splits(data, cfg0.data_on_device, None, log)
     start_epoch = 1
     if ckpt is not None:
         run = sweep_checkpoint.sweep_metadata(
@@ -278,16 +269,19 @@ def _fit_chunk(model, data: Dataset, cfgs: list[TrainConfig], *, log, progress, 
             coefs = {k: jnp.asarray(v[pos]) for k, v in coefs_all.items()}
             rates = None if rates_all is None else jnp.asarray(rates_all[pos])
             mask = jnp.asarray(active[pos])
-            feeder = engine.Feeder(data.train, cfg0.batch_size, tuple(c.seed for c in held), stacked=True)
+            feeder = engine.Feeder(data.train, cfg0.batch_size, tuple(c.seed for c in held), stacked=True,
+                                   steps=cfg0.steps_per_dispatch, device=None if train is data.train else train)
             bar.start_epoch(epoch)
             ep = engine.run_epoch(state, program, feeder.blocks(epoch), tally=engine.EpochTally.start(len(pos)),
                                   steps_per_epoch=steps_per_epoch, seen_shapes=seen_shapes, bar=bar, check=check)
             state = ep.state
             timing = timing.add(ep, (n_train - ep.untimed_rows) * int(active[pos].sum()))
 
-            new_stats = engine.recalibrate_bn(program, state, feeder, epoch, cfg0)
+            b0 = time.perf_counter()
+            new_stats = jax.block_until_ready(engine.recalibrate_bn(program, state, feeder, epoch, cfg0))
+            seconds = ep.seconds + time.perf_counter() - b0
             state = state.replace(batch_stats=_where(mask, new_stats, state.batch_stats))
-            scores = engine.evaluate_replicas(predict, state.params, state.batch_stats, data.valid,
+            scores = engine.evaluate_replicas(predict, state.params, state.batch_stats, valid_split,
                                               cfg0.eval_batch_size)
             valid = dict(zip(pos.tolist(), scores))
             lrs_held = np.asarray(learning_rate(state.opt_state), np.float64)
@@ -300,7 +294,7 @@ def _fit_chunk(model, data: Dataset, cfgs: list[TrainConfig], *, log, progress, 
                     continue
                 lr = float(lrs_held[j])
                 stops[k], decision = early_stopping.update(rules, stops[k], engine.monitor_score(cfg0.monitor, valid[k]), lr)
-                histories[k].append(engine.history_row(epoch, float(train_loss[j]), valid[k], lr, ep.seconds))
+                histories[k].append(engine.history_row(epoch, float(train_loss[j]), valid[k], lr, seconds))
                 if decision.improved:
                     if params_host is None:
                         params_host, stats_host = jax.device_get((state.params, state.batch_stats))
@@ -320,7 +314,7 @@ def _fit_chunk(model, data: Dataset, cfgs: list[TrainConfig], *, log, progress, 
             shown = "  ".join(
                 f"{valid[k]['auc']:.4f}{'*' if k in improved_any else (' ' if active[k] else 'x')}"
                 if k in valid else "   -   " for k in range(K))
-            log(f"epoch {epoch:3d}  {label} valid auc  {shown}  ({int(active.sum())} active, {ep.seconds:.1f}s)")
+            log(f"epoch {epoch:3d}  {label} valid auc  {shown}  ({int(active.sum())} active, {seconds:.1f}s)")
             keep = np.flatnonzero(active[pos])
             if 0 < len(keep) < COMPACT_BELOW * len(pos):
                 state = jax.tree_util.tree_map(lambda x, keep=keep: x[keep], state)
@@ -340,7 +334,7 @@ def _fit_chunk(model, data: Dataset, cfgs: list[TrainConfig], *, log, progress, 
     if done:
         params = _stack([best[k].params for k in done])
         stats = _stack([best[k].batch_stats for k in done])
-        for k, metrics in zip(done, engine.evaluate_replicas(predict, params, stats, data.test, cfg0.eval_batch_size)):
+        for k, metrics in zip(done, engine.evaluate_replicas(predict, params, stats, test_split, cfg0.eval_batch_size)):
             tests[k] = metrics
     for k, c in enumerate(cfgs):
         if best[k] is None:
