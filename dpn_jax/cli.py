@@ -125,6 +125,13 @@ def _add_serving_parsers(sub) -> None:
                         "float32, bfloat16, bfloat16_mkl (comma separated)")
     b.add_argument("--rounds", type=int, default=1,
                    help="time the training rows this many times in turn; each keeps its median")
+    b.add_argument("--loop", action="store_true",
+                   help="also time the training loop (fit on a generated dataset of --steps batches "
+                        "per epoch) beside the step it runs")
+    b.add_argument("--steps-per-dispatch", default="1,8", metavar="K,...",
+                   help="--loop: train steps per dispatch to time (comma separated)")
+    b.add_argument("--data-on-device", default="false,true", metavar="false,true",
+                   help="--loop: data placements to time: false (host, put ahead), true (on the device)")
     b.add_argument("--out", default=None, help="write OUT.md and OUT.json")
     b.add_argument("--bundle", default=None, help="--latency: this bundle's model instead of --models")
     b.add_argument("--batches", default=None, help="request sizes (default 1,64,4096; 1,16,256 with --latency)")
@@ -152,6 +159,15 @@ def _cmd_export(args) -> int:
 
 def _csv(text: str | None, default: str) -> list[str]:
     return [x for x in (text or default).split(",") if x]
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    from dpn_jax.errors import ConfigError
+
+    try:
+        return [int(x) for x in _csv(text, "")]
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}: expected comma-separated integers like 1,8") from None
 
 
 def _cmd_bench(args) -> int:
@@ -184,7 +200,9 @@ def _cmd_bench(args) -> int:
                        batch_size=args.batch_size, steps=args.steps, peer=args.peer,
                        grad_clip=args.grad_clip, latency_batches=batches, requests=args.requests or 50,
                        replicas=args.replicas, scan=args.scan,
-                       matmul_dtypes=_csv(args.matmul_dtypes, "float32"), rounds=args.rounds, log=log)
+                       matmul_dtypes=_csv(args.matmul_dtypes, "float32"), rounds=args.rounds,
+                       loop=args.loop, steps_per_dispatch=_ints(args.steps_per_dispatch, "--steps-per-dispatch"),
+                       data_on_device=_csv(args.data_on_device, "false,true"), log=log)
     command = _bench_command()
     text = format_markdown(result, command)
     print(text)

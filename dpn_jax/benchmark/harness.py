@@ -2,17 +2,22 @@
 peer beside it, as rows for a markdown table and a JSON record.
 
 Tabular models run on the ``criteo`` and ``frappe`` workloads, behaviour models (those with
-``attention_groups``) on ``behaviour``. Ratios compare rows of the same run only.
+``attention_groups``) on ``behaviour``. Ratios compare rows of the same run only. With
+``loop=True`` each (model, workload) also gets ``fit`` rows (:func:`measure.measure_fit`), one per
+steps-per-dispatch and data placement, beside the step they run (the plain step, or ``K`` steps
+scanned in one call): their ratio is what the loop costs over the step.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 
@@ -61,17 +66,45 @@ def workloads_for(model: str, asked: Sequence[str] | None) -> list[str]:
     return [w for w in native if asked is None or w in asked]
 
 
+class Loop(NamedTuple):
+    """The ``fit`` rows asked for: steps per dispatch x data placement, on a generated dataset."""
+
+    steps_per_dispatch: tuple[int, ...]
+    data_on_device: tuple[str, ...]
+    data: Any = None  # the workload's dataset (made once per workload)
+
+
+def step_impl(opt: str, k: int) -> str:
+    """The name of the step row a loop of ``k`` steps per dispatch is compared with."""
+    return f"dpn-jax {opt}" if k == 1 else f"dpn-jax {opt} scan {k}"
+
+
+def fit_impl(opt: str, k: int, on_device: str) -> str:
+    return f"dpn-jax {opt} fit K={k} data {'device' if on_device == 'true' else 'host'}"
+
+
 def _train_round(model: str, w, dtypes: Sequence[str], optimizers: Sequence[str], *,
                  batch_size: int, steps: int, grad_clip: float, peer: str | None,
-                 log: Callable[[str], None], label: str) -> list[tuple[str, measure.TrainMeasure]]:
+                 log: Callable[[str], None], label: str,
+                 loop: Loop | None = None) -> list[tuple[str, measure.TrainMeasure]]:
     """Every training implementation of (model, workload) timed once, in turn: ours for each
-    matmul dtype and optimiser, then the peer (with PyTorch's bf16 autocast beside our bf16)."""
+    matmul dtype and optimiser, the loop rows (first optimiser), then the peer (with PyTorch's
+    bf16 autocast beside our bf16)."""
     out = []
     for dtype, opt in itertools.product(dtypes, optimizers):
         cfg = TrainConfig(batch_size=batch_size, grad_clip=grad_clip, **OPTIMIZERS[opt])
         kw = {} if dtype == "float32" else {"matmul_dtype": dtype}
         out.append((f"dpn-jax {opt}" + (f" {dtype}" if kw else ""),
                     measure.measure_train(model, w, cfg, steps=steps, model_kw=kw)))
+    if loop is not None:
+        opt = optimizers[0]
+        cfg = TrainConfig(batch_size=batch_size, grad_clip=grad_clip, **OPTIMIZERS[opt])
+        for k in loop.steps_per_dispatch:
+            if k > 1:
+                out.append((step_impl(opt, k), measure.measure_train(model, w, cfg, steps=steps, scan=k)))
+        for k, dev in itertools.product(loop.steps_per_dispatch, loop.data_on_device):
+            out.append((fit_impl(opt, k, dev), measure.measure_fit(
+                model, loop.data, cfg.replace(steps_per_dispatch=k, data_on_device=dev))))
     if peer:
         from dpn_jax.benchmark import peer_fuxictr
 
@@ -91,15 +124,27 @@ def run_bench(models: Sequence[str] = DEFAULT_MODELS, *, workloads: Sequence[str
               steps: int = 20, peer: str | None = None, grad_clip: float = 0.0,
               latency_batches: Sequence[int] = LATENCY_BATCHES, requests: int = 50,
               replicas: int = 0, scan: int = 1, matmul_dtypes: Sequence[str] = ("float32",),
-              rounds: int = 1, log: Callable[[str], None] | None = None) -> dict:
+              rounds: int = 1, loop: bool = False, steps_per_dispatch: Sequence[int] = (1, 8),
+              data_on_device: Sequence[str] = ("false", "true"),
+              log: Callable[[str], None] | None = None) -> dict:
     """Rows of measurements (see dpn_jax.benchmark.measure); ``replicas > 1`` adds a row per
     model and workload for that many vmapped replicas of the first optimiser's step; ``scan > 1``
     adds a row running that many steps per dispatch (``measure.scan_steps``). Each optimiser is
     timed with each of ``matmul_dtypes`` on the models that have the option (others: float32).
-    ``rounds > 1``: the training rows of a (model, workload), peers included, are timed that many
-    times in turn and each keeps its median round (ratios robust to a machine's slow spells)."""
+    ``loop``: ``fit`` rows of the first optimiser for each of ``steps_per_dispatch`` and
+    ``data_on_device`` (an epoch of ``steps`` batches, rounded up to a multiple of each), and the
+    scanned steps they are compared with. ``rounds > 1``: the training rows of a (model,
+    workload), peers and loops included, are timed that many times in turn and each keeps its
+    median round (ratios robust to a machine's slow spells)."""
     if rounds < 1:
         raise ConfigError(f"--rounds {rounds}: expected at least 1")
+    if loop:
+        bad_k = [k for k in steps_per_dispatch if k < 1]
+        if bad_k or not steps_per_dispatch:
+            raise ConfigError(f"--steps-per-dispatch {list(steps_per_dispatch)}: expected integers >= 1")
+        bad_d = [d for d in data_on_device if d not in ("false", "true")] or not data_on_device
+        if bad_d:
+            raise ConfigError(f"--data-on-device {list(data_on_device)}: expected false, true or both")
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     unknown = [m for m in models if m not in available_models()]
     if unknown:
@@ -120,19 +165,26 @@ def run_bench(models: Sequence[str] = DEFAULT_MODELS, *, workloads: Sequence[str
         if why:
             raise ConfigError(f"--peer fuxictr: {why}")
     t_start = time.perf_counter()
-    rows, pipeline = [], {}
+    rows, pipeline, datasets = [], {}, {}
     for model in models:
         for wname in workloads_for(model, workloads):
             w = get_workload(wname)
             if wname not in pipeline:
                 pipeline[wname] = measure.measure_pipeline(w, batch_size)
                 log(f"pipeline {wname}: {pipeline[wname]:,.0f} samples/s")
+            fit_loop = None
+            if loop:
+                if wname not in datasets:
+                    epoch_steps = math.lcm(*steps_per_dispatch) * math.ceil(steps / math.lcm(*steps_per_dispatch))
+                    datasets[wname] = measure.workload_dataset(w, epoch_steps * batch_size, batch_size)
+                fit_loop = Loop(tuple(steps_per_dispatch), tuple(data_on_device), datasets[wname])
             latency = measure.measure_latency(model, w, latency_batches, requests=requests)
             dtypes = [d for d in matmul_dtypes if d == "float32" or "matmul_dtype" in model_options(model)]
 
             # Several rounds (a noisy machine): each row keeps its median round by samples/s.
             timed = [_train_round(model, w, dtypes, optimizers, batch_size=batch_size, steps=steps,
-                                  grad_clip=grad_clip, peer=peer, log=log, label=f"round {r + 1}")
+                                  grad_clip=grad_clip, peer=peer, log=log, label=f"round {r + 1}",
+                                  loop=fit_loop)
                      for r in range(rounds)]
             peer_latency = None
             for i, (impl, _) in enumerate(timed[0]):
@@ -143,7 +195,11 @@ def run_bench(models: Sequence[str] = DEFAULT_MODELS, *, workloads: Sequence[str
                     peer_latency = peer_fuxictr.measure_peer_latency(model, w, latency_batches,
                                                                      requests=requests)
                 lat = peer_latency if impl.startswith("fuxictr") else latency
-                rows.append({"model": model, "workload": wname, "impl": impl, **vars(m), "latency_ms": lat})
+                row = {"model": model, "workload": wname, "impl": impl, **vars(m), "latency_ms": lat}
+                if fit_loop is not None and " fit K=" in impl:
+                    k = int(impl.split(" fit K=")[1].split()[0])
+                    row.update(steps_per_dispatch=k, step_impl=step_impl(optimizers[0], k))
+                rows.append(row)
             if scan > 1:
                 cfg = TrainConfig(batch_size=batch_size, grad_clip=grad_clip, **OPTIMIZERS[optimizers[0]])
                 m = measure.measure_train(model, w, cfg, steps=steps, scan=scan)
@@ -160,7 +216,8 @@ def run_bench(models: Sequence[str] = DEFAULT_MODELS, *, workloads: Sequence[str
                     f"step {m.step_ms:.1f} ms")
     return {"rows": rows, "pipeline": pipeline, "machine": machine(), "versions": _versions(),
             "peer_versions": _peer_versions() if peer else {}, "batch_size": batch_size, "rounds": rounds,
-            "steps": steps, "grad_clip": grad_clip, "seconds": time.perf_counter() - t_start,
+            "steps": steps, "grad_clip": grad_clip, "seconds": time.perf_counter() - t_start, "loop": loop,
+            "loop_epoch_steps": {w: len(d.train["label"]) // batch_size for w, d in datasets.items()},
             "workloads": {k: WORKLOADS[k]().schema.table_size for k in pipeline}}
 
 
@@ -181,6 +238,8 @@ def _ratio_columns(rows: list[dict]) -> None:
         r["vs_peer"] = r["samples_per_s"] / peer["samples_per_s"] if peer and peer is not r else None
         base = by.get(("dnn", r["workload"], r["impl"]))
         r["cost_vs_dnn"] = base["samples_per_s"] / r["samples_per_s"] if base else None
+        step = by.get((r["model"], r["workload"], r.get("step_impl")))
+        r["loop_vs_step"] = r["samples_per_s"] / step["samples_per_s"] if step else None
 
 
 def _times(x: float | None) -> str:
@@ -192,19 +251,26 @@ def format_markdown(result: dict, command: str) -> str:
     _ratio_columns(rows)
     lat = [b for b in LATENCY_BATCHES if rows and b in rows[0]["latency_ms"]] or \
         (sorted(rows[0]["latency_ms"]) if rows else [])
+    loop = any(r.get("step_impl") for r in rows)
     head = ("| model | workload | implementation | train samples/s | step ms (± half p10-p90) | "
-            "vs FuxiCTR | cost/sample vs dnn | compile s | memory MB | params | "
+            + ("loop / step | " if loop else "") + "vs FuxiCTR | cost/sample vs dnn | compile s | memory MB | params | "
             + " | ".join(f"latency b{b} p50/p99 ms" for b in lat) + " |")
-    sep = "|" + "---|" * (10 + len(lat))
+    sep = "|" + "---|" * (10 + loop + len(lat))
     lines = [head, sep]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['workload']} | {r['impl']} | {r['samples_per_s']:,.0f} | "
-            f"{r['step_ms']:.1f} ± {r['step_ms_spread']:.1f} | "
-            f"{_times(r['vs_peer'])} | {_times(r['cost_vs_dnn'])} | "
+            f"{r['step_ms']:.2f} ± {r['step_ms_spread']:.2f} | "
+            + (f"{_times(r['loop_vs_step'])} | " if loop else "")
+            + f"{_times(r['vs_peer'])} | {_times(r['cost_vs_dnn'])} | "
             f"{r['compile_s']:.1f} | {r['memory_mb']:.0f} | {r['num_params']:,} | "
             + " | ".join("{:.2f} / {:.2f}".format(*r["latency_ms"][b]) for b in lat) + " |")
     pipe = " · ".join(f"{w}: {v:,.0f} samples/s" for w, v in result["pipeline"].items())
+    loop_note = ("Rows `fit K=k data host|device`: the training loop (`fit` on a generated dataset of "
+                 f"{_epoch_steps(result)} batches per epoch): samples/s of its median epoch after the "
+                 "first, input, dispatches, loss reads and BatchNorm re-estimation included, "
+                 "evaluation not; `loop / step` divides it by the step row it runs (`scan k`: k steps "
+                 "per call).") if loop else ""
     rounds = (f", median of {result['rounds']} rounds (each timing every implementation of a model "
               f"and workload in turn)") if result.get("rounds", 1) > 1 else ""
     m, v = result["machine"], result["versions"]
@@ -217,4 +283,8 @@ def format_markdown(result: dict, command: str) -> str:
         f"Versions: {v}. Peer: {result['peer_versions'] or 'not run'}" + (
             ", trained in a process of its own" if result["peer_versions"] else "") + ".", "",
         f"Input pipeline alone (shuffled batches of a numpy split to the device): {pipe}.", "",
-        *lines, ""])
+        *([loop_note, ""] if loop_note else []), *lines, ""])
+
+
+def _epoch_steps(result: dict) -> str:
+    return ", ".join(f"{v} ({w})" for w, v in result.get("loop_epoch_steps", {}).items()) or "?"

@@ -1,12 +1,13 @@
 """What the harness measures for one (model, workload): train-step throughput, compile time,
-memory, input-pipeline throughput and inference latency.
+memory, input-pipeline throughput, inference latency, and the training loop itself.
 
 Timing rules (the same for the PyTorch peer): the step is compiled and warmed up first, then
 each of ``steps`` steps is timed on its own from dispatch to ``block_until_ready`` of the new
 state; samples/s = batch / median step time. Batches come from a pool placed on the device
 beforehand, so the step is timed apart from the input pipeline, which is timed on its own:
 ``dpn_jax.data.batches`` (the iterator ``fit`` uses: shuffled fancy-indexing of the numpy split)
-plus ``jax.device_put``.
+plus ``jax.device_put``. The loop (:func:`measure_fit`) is ``fit`` itself on a generated
+dataset: an epoch's wall time with its input, dispatches, loss reads and BatchNorm re-estimation.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ import numpy as np
 
 from dpn_jax.benchmark.workloads import Workload
 from dpn_jax.data import batches
+from dpn_jax.data.schema import Dataset
 from dpn_jax.models import build_model
 from dpn_jax.serving.latency import time_requests
 from dpn_jax.train.config import TrainConfig
+from dpn_jax.train.loop import fit
 from dpn_jax.train.state import (
     count_params,
     init_state,
@@ -111,6 +114,38 @@ def measure_train(model_name: str, workload: Workload, cfg: TrainConfig, *, step
     times = time_steps(run, pool, max(1, steps // scan), warmup) / scan
     sps, med, spread = summarise(times, cfg.batch_size)
     return TrainMeasure(sps, med, spread, compile_s, _memory_mb(compiled), count_params(holder[0].params))
+
+
+# BatchNorm re-estimation in the proportion of a Criteo epoch (32 batches for ~8,900 steps of
+# 4096 rows): the bench's short epochs would otherwise spend a third of their time on it.
+STEPS_PER_BN_BATCH = 256
+FIT_EPOCHS = 3  # the first compiles; the others are timed
+
+
+def workload_dataset(workload: Workload, train_rows: int, eval_rows: int, seed: int = 0) -> Dataset:
+    """A generated dataset of ``workload``'s shape for :func:`measure_fit`."""
+    return Dataset(f"bench-{workload.name}", workload.schema, train=workload.rows(train_rows, seed),
+                   valid=workload.rows(eval_rows, seed + 1), test=workload.rows(eval_rows, seed + 2))
+
+
+def measure_fit(model_name: str, data: Dataset, cfg: TrainConfig, *, epochs: int = FIT_EPOCHS,
+                model_kw: dict | None = None) -> TrainMeasure:
+    """The training loop as a run has it: ``fit`` for ``epochs`` epochs of ``data`` (no early
+    stop). Per epoch after the first (which compiles), the wall time ``fit`` records for its
+    train steps and BatchNorm re-estimation -- batches fed, steps dispatched, losses read;
+    evaluation excluded; samples/s of the median epoch, its time per step, and half the range
+    of the epochs' step times."""
+    model = build_model(model_name, data.schema, **(model_kw or {}))
+    n = len(data.train["label"])
+    steps = -(-n // cfg.batch_size)
+    cfg = cfg.replace(max_epochs=epochs, patience=epochs, reduce_lr_factor=0.0,
+                      bn_recalibrate_batches=max(1, steps // STEPS_PER_BN_BATCH))
+    res = fit(model, data, cfg, log=lambda s: None, progress=False)
+    seconds = np.asarray([h["epoch_seconds"] for h in res.history[1:]])
+    step_ms = seconds / steps * 1e3
+    med = float(np.median(seconds))
+    return TrainMeasure(n / med, med / steps * 1e3, float(step_ms.max() - step_ms.min()) / 2,
+                        res.compile_seconds, float("nan"), res.num_params)
 
 
 def measure_pipeline(workload: Workload, batch_size: int, n_batches: int = 16, seed: int = 1) -> float:
