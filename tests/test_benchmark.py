@@ -12,6 +12,7 @@ from dpn_jax.benchmark.harness import format_markdown, run_bench
 from dpn_jax.benchmark.workloads import criteo_like_schema, get_workload, zipf_ids
 from dpn_jax.cli import main
 from dpn_jax.errors import ConfigError
+from dpn_jax.train.config import TrainConfig
 
 
 def test_criteo_workload_shape_and_zipf_ids():
@@ -121,3 +122,50 @@ def test_cpu_model_is_read_from_cpuinfo(tmp_path):
     info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13 64-Core Processor\n")
     assert cpu_model(str(info)) == "AMD EPYC 7B13 64-Core Processor"
     assert cpu_model(str(tmp_path / "absent")) != ""  # falls back, never raises
+
+
+def test_loop_rows_time_fit_beside_the_step_they_run(capsys):
+    result = run_bench(["lr"], workloads=["frappe"], optimizers=("adam",), batch_size=64, steps=3,
+                       latency_batches=(1,), requests=2, loop=True, steps_per_dispatch=(1, 2),
+                       data_on_device=("false", "true"), log=lambda s: None)
+    by = {r["impl"]: r for r in result["rows"]}
+    assert list(by) == ["dpn-jax adam", "dpn-jax adam scan 2", "dpn-jax adam fit K=1 data host",
+                        "dpn-jax adam fit K=1 data device", "dpn-jax adam fit K=2 data host",
+                        "dpn-jax adam fit K=2 data device"]
+    assert result["loop_epoch_steps"] == {"frappe": 4}  # 3 steps rounded up to a multiple of 2
+    text = format_markdown(result, "dpn-jax bench --loop")
+    assert "| loop / step |" in text and "4 (frappe) batches per epoch" in text
+    for k, step in ((1, "dpn-jax adam"), (2, "dpn-jax adam scan 2")):
+        for where in ("host", "device"):
+            r = by[f"dpn-jax adam fit K={k} data {where}"]
+            assert r["samples_per_s"] > 0 and r["num_params"] == by[step]["num_params"]
+            assert r["loop_vs_step"] == pytest.approx(r["samples_per_s"] / by[step]["samples_per_s"])
+    assert by["dpn-jax adam"]["loop_vs_step"] is None
+    with pytest.raises(ConfigError, match="--steps-per-dispatch"):
+        run_bench(["lr"], loop=True, steps_per_dispatch=(0,), log=lambda s: None)
+    with pytest.raises(ConfigError, match="--data-on-device"):
+        run_bench(["lr"], loop=True, data_on_device=("auto",), log=lambda s: None)
+    assert main(["bench", "--models", "lr", "--loop", "--steps-per-dispatch", "1,x"]) == 2
+    assert "--steps-per-dispatch '1,x': expected comma-separated integers" in capsys.readouterr().err
+
+
+def test_fit_row_is_the_median_epoch_after_the_first(monkeypatch):
+    """samples/s = train rows / the median of the epochs' recorded seconds, the first (which
+    compiles) left out; BatchNorm re-estimation in a real epoch's proportion."""
+    from types import SimpleNamespace
+
+    from dpn_jax.benchmark import measure
+
+    data = measure.workload_dataset(get_workload("frappe"), 640, 64)
+    seen = {}
+
+    def fake_fit(model, data, cfg, **kw):
+        seen["cfg"] = cfg
+        return SimpleNamespace(history=[{"epoch_seconds": s} for s in (9.0, 2.0, 4.0, 3.0)],
+                               compile_seconds=1.5, num_params=7)
+
+    monkeypatch.setattr(measure, "fit", fake_fit)
+    m = measure.measure_fit("lr", data, TrainConfig(batch_size=64), epochs=4)
+    assert m.samples_per_s == pytest.approx(640 / 3.0) and m.step_ms == pytest.approx(300.0)
+    assert m.step_ms_spread == pytest.approx((400.0 - 200.0) / 2) and m.compile_s == 1.5
+    assert (seen["cfg"].max_epochs, seen["cfg"].bn_recalibrate_batches) == (4, 1)
