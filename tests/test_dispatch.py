@@ -29,8 +29,8 @@ from dpn_jax.models import build_model
 from dpn_jax.train import engine
 from dpn_jax.train.checkpoint import Checkpoints
 from dpn_jax.train.config import TrainConfig, split_overrides
-from dpn_jax.train.device_data import DeviceSplit, block_plan, on_device
-from dpn_jax.train.engine import Feeder, predict_logits
+from dpn_jax.train.device_data import DeviceSplit, Orders, block_plan, on_device
+from dpn_jax.train.engine import BN_SEED_OFFSET, Feeder, predict_logits
 from dpn_jax.train.loop import NonFiniteLoss, fit
 from dpn_jax.train.sweep import fit_sweep
 
@@ -117,6 +117,27 @@ def test_blocks_hold_the_host_order_of_one_batch_per_dispatch(steps, where, seed
     assert len(got) == len(want) == 9
     for g, w in zip(got, want):
         np.testing.assert_array_equal(g, w)
+
+
+def test_orders_drawn_ahead_are_the_host_orders():
+    """The feeder takes an epoch's order, then draws its re-estimation order and the next epoch's
+    in the background; every one equals ``batch_order``'s (as int32)."""
+    split = _ids(1000)
+    orders = Orders(1000)
+    try:
+        feeder = Feeder(split, 64, (3, 4), stacked=True, steps=2, ahead=orders)
+        first = [jax.device_get(b)["id"] for b in feeder.blocks(2)]
+        assert set(orders._ahead) == {(3, 3), (4, 3), (3 + BN_SEED_OFFSET, 2), (4 + BN_SEED_OFFSET, 2)}
+        plain = Feeder(split, 64, (3, 4), stacked=True, steps=2)
+        for a, b in zip(first, (jax.device_get(b)["id"] for b in plain.blocks(2))):
+            np.testing.assert_array_equal(a, b)
+        for seed, epoch in ((3, 3), (4 + BN_SEED_OFFSET, 2), (9, 9)):  # ahead, ahead, not asked ahead
+            got = orders.get(seed, epoch)
+            assert got.dtype == np.int32
+            np.testing.assert_array_equal(got, batch_order(1000, shuffle=True, seed=seed, epoch=epoch))
+    finally:
+        orders.close()
+    assert not orders._ahead
 
 
 def test_device_evaluation_scores_every_row_once_like_the_host():
@@ -285,6 +306,9 @@ def test_data_on_device_choice():
     assert not on_device("auto", [Streamed(split)], 10**12, "gpu")
     with pytest.raises(ConfigError, match="data_on_device=true: the train split is streamed from disk"):
         on_device("true", [Streamed(split)], 10**12, "gpu")
+    assert not on_device("auto", [split], 10**12, "gpu", processes=2)
+    with pytest.raises(ConfigError, match="data_on_device=true: training runs in 2 processes"):
+        on_device("true", [split], 10**12, "gpu", processes=2)
     train, _ = split_overrides(["data_on_device=true", "steps_per_dispatch=8"], {}, "dnn")
     assert train == {"data_on_device": "true", "steps_per_dispatch": 8}
     with pytest.raises(ConfigError, match="steps_per_dispatch=0: steps_per_dispatch must be >= 1"):

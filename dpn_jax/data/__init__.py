@@ -115,15 +115,16 @@ def batch_order(n: int, *, shuffle: bool, seed: int, epoch: int) -> np.ndarray:
 
 def batches(
     split: Split, batch_size: int, *, shuffle: bool, seed: int, epoch: int, drop_last: bool = False,
-    start_batch: int = 0,
+    start_batch: int = 0, order: np.ndarray | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Mini-batches (numpy dicts with the split's keys) covering every row once per epoch, in
-    the order of :func:`batch_order`. ``start_batch`` skips that many batches of the epoch
-    (resuming mid-epoch) without reading them."""
+    the order of :func:`batch_order` (``order``: that order, when the caller drew it already).
+    ``start_batch`` skips that many batches of the epoch (resuming mid-epoch) without reading them."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     n = split_len(split)
-    order = batch_order(n, shuffle=shuffle, seed=seed, epoch=epoch)
+    if order is None:
+        order = batch_order(n, shuffle=shuffle, seed=seed, epoch=epoch)
     stop = n - n % batch_size if drop_last else n
     for start in range(start_batch * batch_size, stop, batch_size):
         idx = order[start : start + batch_size]

@@ -19,12 +19,14 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dpn_jax.data import batch_order
 from dpn_jax.data.schema import Split, split_len
 from dpn_jax.errors import ConfigError
 from dpn_jax.train.config import DATA_ON_DEVICE
@@ -66,6 +68,35 @@ def group(batches: Iterable[dict], plan: Sequence[tuple[int, int, int]]) -> Iter
             yield {k: np.stack([p[k] for p in parts]) for k in parts[0]}
 
 
+class Orders:
+    """Epoch row orders (:func:`dpn_jax.data.batch_order`, as int32) drawn ahead in a background
+    thread: the permutation of a large split costs seconds on the host -- as long as an epoch
+    on an accelerator -- so the next epoch's is drawn while this one trains. Each order asked
+    ahead is held until taken (``n`` int32s each) or :meth:`close`."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="dpn-orders")
+        self._ahead: dict[tuple[int, int], Future] = {}
+
+    def _draw(self, seed: int, epoch: int) -> np.ndarray:
+        order = batch_order(self.n, shuffle=True, seed=seed, epoch=epoch)
+        return order.astype(np.int32) if self.n < 2**31 else order
+
+    def ahead(self, seed: int, epoch: int) -> None:
+        """Start drawing the order of ``(seed, epoch)``."""
+        if (seed, epoch) not in self._ahead:
+            self._ahead[(seed, epoch)] = self._pool.submit(self._draw, seed, epoch)
+
+    def get(self, seed: int, epoch: int) -> np.ndarray:
+        fut = self._ahead.pop((seed, epoch), None)
+        return fut.result() if fut is not None else self._draw(seed, epoch)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._ahead.clear()
+
+
 # ----------------------------------------------------------------------------- the choice
 
 
@@ -89,19 +120,21 @@ def split_bytes(split: Split) -> int:
     return int(sum(v.nbytes for v in split.values()))
 
 
-def on_device(setting: str, splits: Sequence[Any], budget: int, platform: str) -> bool:
+def on_device(setting: str, splits: Sequence[Any], budget: int, platform: str, processes: int = 1) -> bool:
     """Whether ``data_on_device=setting`` puts ``splits`` on the device. "auto": when they fit
     :data:`DEVICE_SHARE` of ``budget`` bytes on an accelerator; on the CPU, where device memory
-    is host memory and a gather costs the same in numpy and in XLA, auto keeps them on the host
-    (the copy would double their memory for no gain); never for a split streamed from disk."""
+    is host memory and a gather costs the same in numpy and in XLA, auto keeps them on the host;
+    never for a split streamed from disk, nor across several processes (each feeds its own)."""
     if setting not in DATA_ON_DEVICE:
         raise ConfigError(f"--set data_on_device={setting}: choose one of {', '.join(DATA_ON_DEVICE)}")
     if setting == "false":
         return False
-    if any(streamed(s) for s in splits):
+    why = ("the train split is streamed from disk (out of core)" if any(streamed(s) for s in splits) else
+           f"training runs in {processes} processes" if processes > 1 else None)
+    if why:
         if setting == "true":
-            raise ConfigError("--set data_on_device=true: the train split is streamed from disk (out of "
-                              "core) and cannot be held on the device; use data_on_device=auto or false")
+            raise ConfigError(f"--set data_on_device=true: {why}, and its data cannot be held on the "
+                              "device; use data_on_device=auto or false")
         return False
     if setting == "true":
         return True
@@ -138,8 +171,8 @@ class DeviceSplit:
         self.host = host
         self.n = split_len(host)
         self.mesh = layout.mesh if layout is not None else None
-        if self.mesh is None:
-            self.arrays = {k: jax.device_put(np.asarray(v)) for k, v in host.items()}
+        if self.mesh is None:  # on the CPU jnp.asarray shares the numpy buffer (no copy) when it can
+            self.arrays = {k: jnp.asarray(np.asarray(v)) for k, v in host.items()}
         else:
             self.arrays = {k: _put_replicated(np.asarray(v), self.mesh) for k, v in host.items()}
 
@@ -172,7 +205,7 @@ def place_splits(data, setting: str, layout: Layout | None, log: Callable[[str],
     """``(train, valid, test)``: :class:`DeviceSplit` copies when ``setting`` (see
     :func:`on_device`) puts the dataset on the device, else ``data``'s own splits."""
     splits = (data.train, data.valid, data.test)
-    if not on_device(setting, splits, device_memory_bytes(), jax.default_backend()):
+    if not on_device(setting, splits, device_memory_bytes(), jax.default_backend(), jax.process_count()):
         return splits
     size = sum(split_bytes(s) for s in splits)
     log(f"data on device: {size / 2**20:,.0f} MiB (train, valid and test)")

@@ -35,7 +35,7 @@ from dpn_jax.data.out_of_core import prefetch
 from dpn_jax.data.schema import Split, split_len
 from dpn_jax.errors import ConfigError
 from dpn_jax.train import batchnorm
-from dpn_jax.train.device_data import DeviceSplit, block_plan, group
+from dpn_jax.train.device_data import DeviceSplit, Orders, block_plan, group
 from dpn_jax.train.metrics import auc, logloss_from_logits
 from dpn_jax.train.progress import EpochProgress
 from dpn_jax.train.sharding import Layout
@@ -200,12 +200,25 @@ class Feeder:
     layout: Layout | None = None
     steps: int = 1
     device: DeviceSplit | None = None
+    ahead: Orders | None = None  # draws each epoch's orders while the one before trains
 
-    def orders(self, epoch: int, seed_offset: int = 0) -> np.ndarray:
+    def _order(self, seed: int, epoch: int) -> np.ndarray:
+        if self.ahead is None:
+            return batch_order(split_len(self.split), shuffle=True, seed=seed, epoch=epoch)
+        return self.ahead.get(seed, epoch)
+
+    def order(self, epoch: int, seed_offset: int = 0) -> np.ndarray:
         """Epoch ``epoch``'s row order (``[n]``; stacked: ``[replicas, n]``), as the host draws it."""
-        n = split_len(self.split)
-        orders = [batch_order(n, shuffle=True, seed=s + seed_offset, epoch=epoch) for s in self.seeds]
+        orders = [self._order(s + seed_offset, epoch) for s in self.seeds]
         return np.stack(orders) if self.stacked else orders[0]
+
+    def _draw_ahead(self, epoch: int) -> None:
+        """Once epoch ``epoch``'s training order is taken: its re-estimation order and the next
+        epoch's training order, in the background."""
+        if self.ahead is not None:
+            for s in self.seeds:
+                self.ahead.ahead(s + BN_SEED_OFFSET, epoch)
+                self.ahead.ahead(s, epoch + 1)
 
     def batches(self, epoch: int, *, seed_offset: int = 0, start_batch: int = 0,
                 drop_last: bool = False) -> Iterator[dict]:
@@ -213,19 +226,24 @@ class Feeder:
         if self.device is not None:
             plan = block_plan(split_len(self.split), self.batch_size, 1, start_batch)
             plan = [p for p in plan if p[2] == self.batch_size or not drop_last]
-            order = self.device.order(self.orders(epoch, seed_offset))
+            order = self.device.order(self.order(epoch, seed_offset))
             return (self.device.take(order, start, None, rows) for start, _, rows in plan)
         return self._host_batches(epoch, seed_offset, start_batch, drop_last, place=True)
 
     def _host_batches(self, epoch: int, seed_offset: int, start_batch: int, drop_last: bool,
                       place: bool) -> Iterator[dict]:
-        kw = dict(shuffle=True, epoch=epoch, drop_last=drop_last, start_batch=start_batch)
+        streamed = hasattr(self.split, "batches")  # it draws its own order
+
+        def args(seed: int) -> dict:
+            kw = dict(shuffle=True, seed=seed, epoch=epoch, drop_last=drop_last, start_batch=start_batch)
+            return kw if streamed or self.ahead is None else dict(kw, order=self._order(seed, epoch))
+
         if not self.stacked:
-            if not place:
-                return _host(self.split, self.batch_size, seed=self.seeds[0] + seed_offset, **kw)
-            layout = self.layout or Layout(None, None)
-            return layout.batches(self.split, self.batch_size, seed=self.seeds[0] + seed_offset, **kw)
-        its = [_host(self.split, self.batch_size, seed=s + seed_offset, **kw) for s in self.seeds]
+            if place:
+                layout = self.layout or Layout(None, None)
+                return layout.batches(self.split, self.batch_size, **args(self.seeds[0] + seed_offset))
+            return _host(self.split, self.batch_size, **args(self.seeds[0] + seed_offset))
+        its = [_host(self.split, self.batch_size, **args(s + seed_offset)) for s in self.seeds]
         return ({k: np.stack([p[k] for p in parts]) for k in parts[0]} for parts in zip(*its))
 
     def blocks(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
@@ -233,9 +251,11 @@ class Feeder:
         batches with a leading step axis (:func:`dpn_jax.train.device_data.block_plan`)."""
         plan = block_plan(split_len(self.split), self.batch_size, self.steps, start_step)
         if self.device is not None:
-            order = self.device.order(self.orders(epoch))
+            order = self.device.order(self.order(epoch))
+            self._draw_ahead(epoch)
             return (self.device.take(order, start, steps, rows) for start, steps, rows in plan)
         host = group(self._host_batches(epoch, 0, start_step, False, place=False), plan)
+        self._draw_ahead(epoch)
         layout = self.layout or Layout(None, None)
         return prefetch(host, layout.place_block, AHEAD)
 

@@ -25,7 +25,7 @@ from dpn_jax.errors import ConfigError, DpnError
 from dpn_jax.train import batchnorm, early_stopping
 from dpn_jax.train.checkpoint import Checkpoints, all_finite, describe, run_defaults, run_metadata
 from dpn_jax.train.config import TrainConfig
-from dpn_jax.train.device_data import place_splits
+from dpn_jax.train.device_data import Orders, place_splits, streamed
 from dpn_jax.train.engine import (
     MONITORS,
     READ_EVERY,
@@ -93,8 +93,9 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, *,
                       predict=layout.jit_predict(make_predict(model)),
                       batch_stats=batchnorm.make_batch_stats_fn(model) if state.batch_stats else None)
     train, valid_split, test_split = place_splits(data, cfg.data_on_device, layout, log)
+    orders = None if streamed(data.train) else Orders(n_train)
     feeder = Feeder(data.train, cfg.batch_size, (cfg.seed,), layout=layout, steps=cfg.steps_per_dispatch,
-                    device=None if train is data.train else train)
+                    device=None if train is data.train else train, ahead=orders)
     rules = early_stopping.Rules.of(cfg)
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
     bar = EpochProgress(steps_per_epoch, cfg.batch_size, enabled=progress)
@@ -180,6 +181,8 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, *,
                 save(epoch, state, tally)
     finally:
         bar.close()  # also on errors: rich leaves the cursor hidden otherwise
+        if orders is not None:
+            orders.close()
     if best is None:
         raise NonFiniteLoss(f"no epoch of {len(history)} had a finite validation {cfg.monitor}; "
                             "lower the learning rate (--set lr=...) or set --set grad_clip=10")

@@ -38,7 +38,7 @@ from dpn_jax.data.schema import Dataset, split_len
 from dpn_jax.errors import ConfigError, DpnError
 from dpn_jax.train import batchnorm, early_stopping, engine, sweep_checkpoint
 from dpn_jax.train.config import TrainConfig
-from dpn_jax.train.device_data import device_memory_bytes, place_splits
+from dpn_jax.train.device_data import Orders, device_memory_bytes, place_splits, streamed
 from dpn_jax.train.optimizer import learning_rate
 from dpn_jax.train.progress import EpochProgress
 from dpn_jax.train.state import (
@@ -223,6 +223,7 @@ def _fit_chunk(model, data: Dataset, cfgs: list[TrainConfig], *, log, progress, 
     seen_shapes: set[tuple[int, ...]] = set()
     label = f"replicas {first}-{first + K - 1}"
     train, valid_split, test_split = place_splits(data, cfg0.data_on_device, None, log)
+    orders = None if streamed(data.train) else Orders(n_train)
     start_epoch = 1
     if ckpt is not None:
         run = sweep_checkpoint.sweep_metadata(
@@ -270,7 +271,8 @@ def _fit_chunk(model, data: Dataset, cfgs: list[TrainConfig], *, log, progress, 
             rates = None if rates_all is None else jnp.asarray(rates_all[pos])
             mask = jnp.asarray(active[pos])
             feeder = engine.Feeder(data.train, cfg0.batch_size, tuple(c.seed for c in held), stacked=True,
-                                   steps=cfg0.steps_per_dispatch, device=None if train is data.train else train)
+                                   steps=cfg0.steps_per_dispatch, device=None if train is data.train else train,
+                                   ahead=orders)
             bar.start_epoch(epoch)
             ep = engine.run_epoch(state, program, feeder.blocks(epoch), tally=engine.EpochTally.start(len(pos)),
                                   steps_per_epoch=steps_per_epoch, seen_shapes=seen_shapes, bar=bar, check=check)
@@ -326,6 +328,8 @@ def _fit_chunk(model, data: Dataset, cfgs: list[TrainConfig], *, log, progress, 
                     "timing": list(timing)}, run)
     finally:
         bar.close()
+        if orders is not None:
+            orders.close()
 
     # Test: every finished replica's best parameters, scored together.
     results: list[ReplicaResult] = []
