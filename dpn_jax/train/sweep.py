@@ -38,7 +38,13 @@ from dpn_jax.data.schema import Dataset, split_len
 from dpn_jax.errors import ConfigError, DpnError
 from dpn_jax.train import batchnorm, early_stopping, engine, sweep_checkpoint
 from dpn_jax.train.config import TrainConfig
-from dpn_jax.train.device_data import Orders, device_memory_bytes, place_splits, streamed
+from dpn_jax.train.device_data import (
+    Orders,
+    device_memory_bytes,
+    place_splits,
+    split_bytes,
+    streamed,
+)
 from dpn_jax.train.optimizer import learning_rate
 from dpn_jax.train.progress import EpochProgress
 from dpn_jax.train.state import (
@@ -148,6 +154,9 @@ def fit_sweep(model: nn.Module, data: Dataset, cfgs: Sequence[TrainConfig], *,
     example = engine.example_batch(data.train)
     per_replica = sum(replica_bytes(model, example, cfgs[0]))
     budget = memory_budget if memory_budget is not None else device_memory_bytes()
+    splits = place_splits(data, cfgs[0].data_on_device, None, log)  # once, for every chunk
+    if splits[0] is not data.train:
+        budget -= sum(split_bytes(s) for s in (data.train, data.valid, data.test))
     chunk = plan_chunk(len(cfgs), per_replica, budget)
     if max_replicas:
         chunk = min(chunk, max_replicas)
@@ -160,7 +169,7 @@ def fit_sweep(model: nn.Module, data: Dataset, cfgs: Sequence[TrainConfig], *,
         part = cfgs[start:start + chunk]
         ckpt = None if checkpoint_dir is None else sweep_checkpoint.open_chunk(
             checkpoint_dir, start, start + len(part) - 1, resume)
-        out += _fit_chunk(model, data, part, log=log, progress=progress,
+        out += _fit_chunk(model, data, part, splits, log=log, progress=progress,
                           first=start, dropouts=None if dropouts is None else dropouts[start:start + chunk],
                           on_epoch=on_epoch, ckpt=ckpt)
     return out
@@ -169,7 +178,7 @@ def fit_sweep(model: nn.Module, data: Dataset, cfgs: Sequence[TrainConfig], *,
 COMPACT_BELOW = 0.75  # drop stopped replicas from the program once fewer than this share is active
 
 
-def _fit_chunk(model, data: Dataset, cfgs: list[TrainConfig], *, log, progress, first: int,
+def _fit_chunk(model, data: Dataset, cfgs: list[TrainConfig], splits: tuple, *, log, progress, first: int,
                dropouts: list[float] | None, on_epoch=None, ckpt=None) -> list[ReplicaResult]:
     K, cfg0 = len(cfgs), cfgs[0]
     n_train = split_len(data.train)
@@ -222,7 +231,7 @@ def _fit_chunk(model, data: Dataset, cfgs: list[TrainConfig], *, log, progress, 
     timing = engine.Timing()
     seen_shapes: set[tuple[int, ...]] = set()
     label = f"replicas {first}-{first + K - 1}"
-    train, valid_split, test_split = place_splits(data, cfg0.data_on_device, None, log)
+    train, valid_split, test_split = splits  # on the device or the host (place_splits)
     orders = None if streamed(data.train) else Orders(n_train)
     start_epoch = 1
     if ckpt is not None:
