@@ -159,12 +159,17 @@ _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
 
+def _renameat2():
+    """libc's ``renameat2`` (Linux, glibc >= 2.28), else None."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return None
+
+
 def _swap(new: Path, target: Path) -> Path:
     """``new`` becomes ``target``; returns where the old ``target`` folder now is."""
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):  # not Linux / glibc
-        renameat2 = None
+    renameat2 = _renameat2()
     if renameat2 is not None:
         rc = renameat2(_AT_FDCWD, os.fsencode(new), _AT_FDCWD, os.fsencode(target), _RENAME_EXCHANGE)
         if rc == 0:
