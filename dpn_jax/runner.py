@@ -19,8 +19,10 @@ from flax import serialization
 
 import dpn_jax
 from dpn_jax.data import load_dataset
+from dpn_jax.data.encode import bucket_notes
 from dpn_jax.errors import ConfigError
 from dpn_jax.models import build_model, model_options
+from dpn_jax.train.backend import check_options_for_backend
 from dpn_jax.train.checkpoint import MAY_CHANGE
 from dpn_jax.train.config import TrainConfig, split_overrides
 from dpn_jax.train.loop import fit
@@ -153,6 +155,7 @@ def run_train(model: str, data: str, *, seed: int = 2021, sets: Sequence[str] = 
     opts = model_options(model)
     train_kw, model_kw = split_overrides(list(sets), opts, model)  # validate before loading data
     cfg = TrainConfig(seed=seed, **train_kw)
+    check_options_for_backend(cfg, model_kw)  # a CPU-only kernel on a GPU/TPU fails here
     same_bundle = False
     if out is not None:
         from dpn_jax.serving.bundle import data_id
@@ -169,6 +172,8 @@ def run_train(model: str, data: str, *, seed: int = 2021, sets: Sequence[str] = 
     t0 = time.perf_counter()
     dataset = load_dataset(data, data_dir=data_dir, cache_dir=cache_dir)
     log(f"data  {dataset.summary()}  (loaded in {time.perf_counter() - t0:.1f}s)")
+    for line in bucket_notes(dataset.meta):
+        log(line)
     for split, counts in (dataset.meta.get("oov_counts") or {}).items():
         unseen = {k: int(v) for k, v in counts.items() if v}
         if unseen:

@@ -24,9 +24,11 @@ from typing import Any
 
 from dpn_jax.atomic import write_text
 from dpn_jax.data import load_dataset
+from dpn_jax.data.encode import bucket_notes
 from dpn_jax.errors import ConfigError
 from dpn_jax.models import build_model, model_options
 from dpn_jax.runner import _jsonable, versions
+from dpn_jax.train.backend import check_options_for_backend
 from dpn_jax.train.config import TrainConfig, split_overrides
 from dpn_jax.train.sweep import fit_sweep, static_key
 
@@ -81,7 +83,11 @@ def configurations(model: str, grid: dict[str, list[str]], sets: Sequence[str]) 
     out = []
     for values in itertools.product(*grid.values()):
         pairs = [f"{k}={v}" for k, v in zip(grid, values)]
-        train_kw, model_kw = split_overrides([*sets, *pairs], opts, model)  # typed + validated
+        # typed and range-checked; a --grid value wins over a --set of the same key
+        fixed_train, fixed_model = split_overrides(list(sets), opts, model)
+        grid_train, grid_model = split_overrides(pairs, opts, model, flag="--grid")
+        train_kw, model_kw = {**fixed_train, **grid_train}, {**fixed_model, **grid_model}
+        check_options_for_backend(TrainConfig(**train_kw), model_kw)
         out.append(Configuration(" ".join(pairs) or "defaults", train_kw, model_kw))
     return out
 
@@ -137,6 +143,8 @@ def run_sweep(model: str, data, *, seeds: Sequence[int], grid: dict[str, list[st
         if dataset is None:
             dataset = load_dataset(data, data_dir=data_dir, cache_dir=cache_dir)
             log(f"data  {dataset.summary()}")
+            for line in bucket_notes(dataset.meta):
+                log(line)
         first = members[0]
         model_kw = {k: v for k, v in first.model_kw.items() if not (swept_dropout and k == "dropout")}
         net = build_model(model, dataset.schema, **model_kw)
@@ -220,6 +228,7 @@ def train_seeds(model: str, dataset, seeds: Sequence[int], sets: Sequence[str] =
     an interruption (``train_seconds`` then counts this call's wall time only)."""
     opts = model_options(model)
     train_kw, model_kw = split_overrides(list(sets), opts, model)
+    check_options_for_backend(TrainConfig(**train_kw), model_kw)
     net = build_model(model, dataset.schema, **model_kw)
     cfgs = [TrainConfig(**{**train_kw, "seed": s}) for s in seeds]
     t0 = time.perf_counter()

@@ -3,7 +3,7 @@
 jaxlib 0.10 sends dots on the CPU to YNNPACK fusions by default. Profiling the DNN train step
 (Criteo shape, batch 4096) on our 2-core AVX2 machines showed those dots running at about half
 of Eigen's rate; with ``--xla_cpu_experimental_ynn_fusion_type=`` (no YNNPACK fusions, Eigen
-dots) the step is 7-15% faster (experiments/results/xla_cpu_ab.md, README "Speed"). The flag is set only when all of these
+dots) the step is 7-15% faster (experiments/results/xla_cpu_ab.md, docs/results/speed.md). The flag is set only when all of these
 hold: the user's ``XLA_FLAGS`` does not mention it, ``DPN_JAX_XLA_DEFAULTS=0`` is not set, and
 the installed jaxlib is a series known to have the flag (an unknown flag aborts XLA).
 """

@@ -150,7 +150,7 @@ def reading(summ: dict[str, list[dict]], names: list[str], ci: dict, seeds: list
     lines.append("- Caveats: the seed std covers training randomness only; the intervals cover the "
                  "test rows only (seed-mean AUCs, one fixed split). The unseen bucket (OOV users) is "
                  "one shared embedding row and few test rows. Frappe here is the small NFM split "
-                 "(README: train = the validation file minus 10%), not the paper's data, and the "
+                 "(docs/guide/datasets.md: train = the validation file minus 10%), not the paper's data, and the "
                  "models ran untuned with Table-1 defaults.")
     return lines
 

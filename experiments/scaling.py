@@ -88,7 +88,7 @@ def format_markdown(rows: list[tuple[int, dict]], epochs: int, argv: list[str]) 
         + (f", and N={max(rate)} fell back to {rate[max(rate)] / base:.2f}x" if best != max(rate) else "")
         + "; with other jobs on the same cores, differences of ~10% are noise. The test AUCs differ in the "
         "4th decimal: the same training with sums in another order, whose rounding grows over the epochs. "
-        "Real speed-ups need N accelerators (README: Scaling out).",
+        "Real speed-ups need N accelerators (docs/guide/scaling.md).",
     ]
     return "\n".join(lines) + "\n"
 

@@ -3,7 +3,7 @@
     python experiments/table2.py --data frappe            # or --data synthetic
     python experiments/table2.py --data synthetic --group generator
 
-Groups (paper Table 2 / NOTES §2-4): ``generator`` (weight-generate instantiations in the first
+Groups (paper Table 2 / docs/dpo_math.md, §'Weight generators', §'Feature-based DPO' and §'Field-based DPO'): ``generator`` (weight-generate instantiations in the first
 DPO layer), ``rank`` (the low-rank generator's ``l``: quality against cost), ``layers`` (DPO in
 the first / second / all layers of a 2-layer MLP), ``context`` (whole input, other fields, one
 named field; raw or LayerNorm-ed), ``aggregation`` (field DPO: self / sum / attentive / concat,

@@ -15,13 +15,13 @@
 # %% [markdown]
 # # 01 · The Dynamic Parameterized Operation from scratch
 #
-# A **Dynamic Parameterized Operation** (DPO; Zhu et al., arXiv 2111.04983, §2.1; NOTES §1) is
+# A **Dynamic Parameterized Operation** (DPO; Zhu et al., arXiv 2111.04983, §2.1; docs/dpo_math.md, §'The operation') is
 # two pure functions:
 #
 # * a **weight generator** $g(z;\theta) \to (W, b)$ that turns an instance's *context* $z$ into
 #   that instance's own kernel and bias, and
 # * a **feature aggregator** $f(x; W, b)$ that applies them to the input, here the matrix
-#   product $y = Wx + b$ of the feature-based DPO ("DyMLP", NOTES §3).
+#   product $y = Wx + b$ of the feature-based DPO ("DyMLP", docs/dpo_math.md, §'Feature-based DPO').
 #
 # $y = f(x; g(z;\theta))$. A dense layer is the special case where $g$ ignores $z$.
 #

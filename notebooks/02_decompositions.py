@@ -15,7 +15,7 @@
 # %% [markdown]
 # # 02 · Decompositions: what a DPO computes, and which classic layers are DPOs
 #
-# Three algebraic facts from the paper (§2.2 after Eqn. 5 and §2.3; NOTES §2 and §4), each shown
+# Three algebraic facts from the paper (§2.2 after Eqn. 5 and §2.3; docs/dpo_math.md, §'Decomposition' and §'FM and the cross layer'), each shown
 # numerically and checked with an assertion, once with the library (`dpn_jax.dpo`) and once
 # with the direct NumPy formula beside it:
 #

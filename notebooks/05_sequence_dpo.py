@@ -15,7 +15,7 @@
 # %% [markdown]
 # # 05 · Sequence DPO: dynamic kernels over a user's history
 #
-# The paper's sequence-based DPO (§2.4, NOTES §5) has two forms:
+# The paper's sequence-based DPO (§2.4, docs/dpo_math.md, §'Sequence-based DPO') has two forms:
 #
 # * **homogeneous (behaviour-behaviour)**: a dynamic depthwise convolution. Each step $i$ of the
 #   history gets its own window kernel $W_i \in \mathbb{R}^{k}$, generated from a local view

@@ -358,7 +358,7 @@ def test_default_cache_dir_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 def test_interrupted_write_leaves_no_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     spec = toy(tmp_path)
     calls = {"n": 0}
-    real_save = np.save
+    real_save = cache.integrity.save_npy  # writes each array (and its checksum)
 
     def flaky(path, arr, *a, **k):
         calls["n"] += 1
@@ -366,11 +366,11 @@ def test_interrupted_write_leaves_no_cache(tmp_path: Path, monkeypatch: pytest.M
             raise KeyboardInterrupt  # the user hits ^C half-way through writing
         return real_save(path, arr, *a, **k)
 
-    monkeypatch.setattr(cache.np, "save", flaky)
+    monkeypatch.setattr(cache.integrity, "save_npy", flaky)
     with pytest.raises(KeyboardInterrupt):
         load_dataset(str(spec), cache_dir=tmp_path / "cache")
     assert list((tmp_path / "cache").iterdir()) == []  # neither a final dir nor a temp dir
-    monkeypatch.setattr(cache.np, "save", real_save)
+    monkeypatch.setattr(cache.integrity, "save_npy", real_save)
     assert load_dataset(str(spec), cache_dir=tmp_path / "cache").meta["cache"]["hit"] is False
 
 

@@ -33,7 +33,7 @@ def raises(match: str, *args, **kwargs) -> str:
 
 def test_csv_types_and_missing(tmp_path: Path) -> None:
     p = csv(tmp_path, "y,user,price,extra\n1,007,1.5,z\n-1,,  ,z\n1,NA,3,z\n")
-    raw = read_table(p, "csv", COLS, label="y")
+    raw = read_table(p, "csv", COLS, label="y", label_values=(-1, 1))  # -1/1 must be declared
     assert set(raw) == {"user", "price", "y"}
     assert raw["user"].tolist() == ["007", None, "NA"]  # ids keep their text; only "" is missing
     np.testing.assert_array_equal(raw["price"], [1.5, np.nan, 3.0])

@@ -235,8 +235,8 @@ def test_dien_options_and_errors():
                        (dict(gru_dim=-1), "gru_dim"), (dict(aux_loss_weight=-1.0), "aux_loss"),
                        (dict(attention_norm="l1"), r"dien: attention_norm='l1'.*softmax.*sigmoid"),
                        (dict(query_transform="tanh"), r"dien: query_transform='tanh'.*auto.*dense_prelu")):
-        model = build_model("dien", seq_schema(), **SMALL, **bad)
-        with pytest.raises(ConfigError, match=match):
+        with pytest.raises(ConfigError, match=match):  # out-of-range values fail in build_model
+            model = build_model("dien", seq_schema(), **SMALL, **bad)
             jax.eval_shape(model.init, jax.random.PRNGKey(0), batch)
 
 

@@ -43,7 +43,7 @@ def make(name: str, d: int, n: int, c: int) -> dpo.WeightGenerator:
 
 
 def naive_field_dpo(aggregation, gen, p, x, z, scores=None, exclude_self=False):
-    """The NOTES §4 definitions, literally: per-field generated kernels, numpy double loops."""
+    """The definitions of docs/dpo_math.md, §'Field-based DPO', literally: per-field generated kernels, numpy double loops."""
     b, f, _ = x.shape
     x = np.asarray(x, np.float64)
     if aggregation == "concat":

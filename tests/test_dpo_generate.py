@@ -70,7 +70,7 @@ def np_softmax(a):
 
 
 def ref_kernels(name: str, p, z, act: str = "relu"):
-    """Independent numpy (float64) per-instance ``W [B,n,m]``, ``b [B,n]`` from the NOTES formulas."""
+    """Independent numpy (float64) per-instance ``W [B,n,m]``, ``b [B,n]`` from the formulas of docs/dpo_math.md, §'Weight generators'."""
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
     s = np_act(act)
     ws, bs = [], []

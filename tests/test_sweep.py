@@ -3,6 +3,7 @@ configurations that change the program are grouped; sweeps resume."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import jax
@@ -26,6 +27,14 @@ PARAM_ATOL = 1e-4
 AUC_ATOL = 1e-4
 
 BASE = TrainConfig(batch_size=512, eval_batch_size=1024, max_epochs=2, reduce_lr_factor=0.5)
+
+
+def _frozen(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with lr = 0: a replica whose parameters never move, so it never improves after
+    epoch 1. TrainConfig refuses lr = 0 from users (a mistake there); the engine handles it."""
+    frozen = copy.copy(cfg)
+    object.__setattr__(frozen, "lr", 0.0)
+    return frozen
 
 
 def _max_diff(a, b) -> float:
@@ -63,7 +72,7 @@ def test_stopped_replica_stops_updating(tiny_synthetic):
     replica is masked, and its parameters must not move after it stopped."""
     ds = tiny_synthetic
     base = BASE.replace(max_epochs=5, patience=2, reduce_lr_factor=0.0, lr=3e-3)
-    cfgs = [base.replace(seed=s) for s in (1, 2, 3)] + [base.replace(seed=1, lr=0.0)]
+    cfgs = [base.replace(seed=s) for s in (1, 2, 3)] + [_frozen(base.replace(seed=1))]
     snapshots: list = []
     held_log, active_log = [], []
 
@@ -85,7 +94,7 @@ def test_stopped_replicas_are_compacted_away(tiny_synthetic):
     its own sequential run."""
     ds = tiny_synthetic
     base = BASE.replace(max_epochs=4, patience=1, reduce_lr_factor=0.0)
-    cfgs = [base.replace(seed=1), base.replace(seed=1, lr=0.0)]
+    cfgs = [base.replace(seed=1), _frozen(base.replace(seed=1))]
     held_log = []
     out = fit_sweep(build_model("lr", ds.schema), ds, cfgs, log=lambda s: None, progress=False,
                     on_epoch=lambda e, state, held, active: held_log.append(
@@ -107,8 +116,8 @@ def test_killed_sweep_resumes_from_its_checkpoint(tiny_synthetic, tmp_path):
     uninterrupted sweep: same epochs, best epochs, histories, parameters and test metrics."""
     ds, model = tiny_synthetic, build_model("lr", tiny_synthetic.schema)
     base = BASE.replace(max_epochs=5, patience=1, reduce_lr_factor=0.0, lr=3e-3)
-    cfgs = [base.replace(seed=1), base.replace(seed=2, lr=0.0), base.replace(seed=3),
-            base.replace(seed=4, lr=0.0)]
+    cfgs = [base.replace(seed=1), _frozen(base.replace(seed=2)), base.replace(seed=3),
+            _frozen(base.replace(seed=4))]
     quiet = dict(log=lambda s: None, progress=False)
     whole = fit_sweep(model, ds, cfgs, **quiet)
 
@@ -151,10 +160,10 @@ def test_min_epochs_holds_early_stop_and_lr_cuts_in_fit_and_sweep(tiny_synthetic
     """lr = 0 never improves after epoch 1: with patience 1 the run stops after epoch 2, with
     min_epochs 4 after epoch 4, its learning rate uncut until then (fit and sweep alike)."""
     ds, model = tiny_synthetic, build_model("lr", tiny_synthetic.schema)
-    base = BASE.replace(max_epochs=10, patience=1, reduce_lr_factor=0.5, lr=0.0)
+    base = BASE.replace(max_epochs=10, patience=1, reduce_lr_factor=0.5)
     quiet = dict(log=lambda s: None, progress=False)
-    assert fit(model, ds, base, **quiet).epochs == 2
-    held = base.replace(min_epochs=4)
+    assert fit(model, ds, _frozen(base), **quiet).epochs == 2
+    held = _frozen(base.replace(min_epochs=4))
     for result in (fit(model, ds, held, **quiet), fit_sweep(model, ds, [held], **quiet)[0].result):
         assert result.epochs == 4 and result.best_epoch == 1
         # a cut would raise lr 0 to min_lr (1e-6) from the next epoch's row

@@ -5,8 +5,11 @@ Rules (all statistics come from train only, so valid/test never leak into the en
 * categorical: vocabulary ordered by frequency (desc), ties by token string; tokens seen fewer
   than ``min_count`` times map to OOV. A missing cell is the token ``""`` -- an ordinary category,
   so "missing" can carry signal (and is OOV at test time if train never had it).
-* numeric with ``buckets``: quantile edges on train (``np.quantile``, duplicates dropped); a value
-  becomes local id ``FIRST + k`` of its bucket; missing/non-finite -> OOV.
+* numeric with ``buckets``: edges fitted on train by :func:`dpn_jax.buckets.fit_bucket_edges`
+  (quantiles; a value holding more than 1/buckets of the rows gets a bucket of its own); a value
+  becomes local id ``FIRST + k`` of its bucket; missing/non-finite -> OOV. ``meta["bucket_stats"]``
+  records each such field's bucket count and the largest id's share of train rows;
+  :func:`bucket_notes` turns them into the log lines the runners print.
 * numeric (dense): ``(x - mean) / std`` with train statistics (std 0 -> 1); missing -> 0 (the mean).
 * sequence: cell split by ``sep`` (empty tokens dropped), the MOST RECENT ``max_len`` tokens kept
   (the last ones), right-padded with the pad id. Own vocabulary from all train tokens, or the
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from collections import Counter
 from collections.abc import Mapping
 from itertools import repeat
@@ -27,12 +31,17 @@ from typing import Any, Literal
 
 import numpy as np
 
+from dpn_jax.buckets import bucketize, fit_bucket_edges, n_buckets
 from dpn_jax.data import readers, transforms
 from dpn_jax.data.schema import FIRST, OOV, Dataset, FieldInfo, Schema, Split
 from dpn_jax.data.spec import DatasetSpec, FieldSpec
 from dpn_jax.errors import DataError
 
 ENCODER_FORMAT = 1  # bump when the JSON layout of FittedEncoders changes
+# Bump when fitting gives other encoders for the same data (folded into the dataset cache key).
+# 2: numeric buckets give mass points their own bucket (dpn_jax.buckets).
+ENCODER_VERSION = 2
+NEAR_CONSTANT_SHARE = 0.99  # a bucketised field whose one id holds this much of train is flagged
 
 
 @dataclasses.dataclass
@@ -59,7 +68,7 @@ class FieldEncoder:
 
     @property
     def n_buckets(self) -> int:
-        return max(len(self.edges or []) - 1, 1)
+        return n_buckets(self.edges or [])
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -102,7 +111,7 @@ class FittedEncoders:
                 )
             elif enc.kind == "cat":
                 if enc.edges is not None:
-                    local = _bucketise(_to_float(col, enc.column), enc.edges)
+                    local = bucketize(_to_float(col, enc.column), enc.edges, first=FIRST, missing=OOV)
                 elif enc.transform is not None:
                     local = _lookup(transforms.apply(enc.transform, col, enc.column), enc.index())
                 else:
@@ -170,13 +179,15 @@ def fit_encoders(spec: DatasetSpec, train: Mapping[str, Any]) -> FittedEncoders:
             encs[f.name] = FieldEncoder(
                 f.name, "cat", f.column, vocab=_fit_vocab(_to_str(col), f.min_count)
             )
-        elif f.type == "numeric" and f.buckets > 0:
-            encs[f.name] = FieldEncoder(
-                f.name, "cat", f.column, edges=_fit_edges(_to_float(col, f.column), f.buckets)
-            )
         elif f.type == "numeric":
-            mean, std = _fit_moments(_to_float(col, f.column))
-            encs[f.name] = FieldEncoder(f.name, "num", f.column, mean=mean, std=std)
+            x = _to_float(col, f.column)
+            if len(x) and not np.isfinite(x).any():
+                warn_empty_numeric(f.column, f.name, spec.source)
+            if f.buckets > 0:
+                encs[f.name] = FieldEncoder(f.name, "cat", f.column, edges=fit_bucket_edges(x, f.buckets))
+            else:
+                mean, std = _fit_moments(x)
+                encs[f.name] = FieldEncoder(f.name, "num", f.column, mean=mean, std=std)
         else:
             vocab = None
             if f.share_vocab is None:
@@ -228,18 +239,18 @@ def _layout(fields: tuple[FieldSpec, ...], encs: Mapping[str, FieldEncoder]) -> 
     return Schema(fields=tuple(ordered), table_size=offset)
 
 
+def warn_empty_numeric(column: str, field: str, source: str) -> None:
+    """A numeric column with no value in any train row carries no information: say so."""
+    warnings.warn(f"{source}: numeric column {column!r} (field {field!r}) is empty in every train "
+                  "row; it is encoded as a constant (remove the field, or fill the column)",
+                  stacklevel=3)  # fmt: skip
+
+
 def _fit_vocab(tokens: list[str], min_count: int) -> list[str]:
     counts = Counter(tokens)
     kept = [t for t, c in counts.items() if c >= min_count]
     kept.sort(key=lambda t: (-counts[t], t))  # most frequent first, ties by token string
     return kept
-
-
-def _fit_edges(x: np.ndarray, buckets: int) -> list[float]:
-    ok = x[np.isfinite(x)]
-    if ok.size == 0:
-        return []  # no train values: one bucket that nothing falls into (all OOV)
-    return np.unique(np.quantile(ok, np.linspace(0.0, 1.0, buckets + 1))).tolist()
 
 
 def _fit_moments(x: np.ndarray) -> tuple[float, float]:
@@ -279,12 +290,6 @@ def _to_float(col: Any, name: str) -> np.ndarray:
 def _lookup(tokens: list[str], index: Mapping[str, int]) -> np.ndarray:
     """Local ids; unknown -> OOV (a C-level dict lookup per token)."""
     return np.fromiter(map(index.get, tokens, repeat(OOV)), np.int64, len(tokens))
-
-
-def _bucketise(x: np.ndarray, edges: list[float]) -> np.ndarray:
-    inner = np.asarray(edges[1:-1], dtype=np.float64)
-    local = FIRST + np.searchsorted(inner, x, side="right")  # [e_k, e_k+1) -> bucket k
-    return np.where(np.isfinite(x) & (len(edges) > 0), local, OOV).astype(np.int64)
 
 
 def _standardise(x: np.ndarray, mean: float, std: float) -> np.ndarray:
@@ -365,13 +370,36 @@ def carve(n: int, spec: DatasetSpec) -> dict[str, np.ndarray]:
     return {k: np.sort(v) for k, v in parts.items()}
 
 
+def _split_files(spec: DatasetSpec, role: str) -> str:
+    files = getattr(spec, role)
+    if files:
+        return ", ".join(str(p) for p in files)
+    return "carved from " + ", ".join(str(p) for p in spec.train)
+
+
+def check_classes(n: int, pos: int, role: str, where: str, label: str = "label") -> None:
+    """``n`` rows of which ``pos`` positive: the train and valid splits need both classes (no
+    loss signal or AUC otherwise), a DataError naming the split and its files; a one-class test
+    split is only warned about."""
+    if n == 0 or 0 < pos < n:
+        return
+    only = "1" if pos else "0"
+    msg = (f"the {role} split ({where}) has label {label!r} = {only} in all its {n:,} rows; "
+           f"no {'0' if pos else '1'}s")
+    if role == "test":
+        warnings.warn(f"{msg}: its AUC is undefined", stacklevel=3)
+        return
+    raise DataError(f"{msg}: the train and valid splits need both classes (0 and 1)")
+
+
 def build_dataset(spec: DatasetSpec) -> Dataset:
     """Read, split, fit on train, encode every split. (Caching lives in :mod:`cache`.)"""
     cols = columns_needed(spec)
 
     def read(paths: tuple) -> dict[str, np.ndarray]:
         # Looked up through the module so tests can monkeypatch readers.read_table.
-        return readers.read_table(list(paths), spec.format, cols, sep=spec.sep, label=spec.label)
+        return readers.read_table(list(paths), spec.format, cols, sep=spec.sep, label=spec.label,
+                                  label_values=spec.label_values)  # fmt: skip
 
     source = read(spec.train)
     idx = carve(len(source[spec.label]), spec)
@@ -380,6 +408,9 @@ def build_dataset(spec: DatasetSpec) -> Dataset:
         if getattr(spec, role):
             raw[role] = read(getattr(spec, role))
 
+    for role in ("train", "valid", "test"):
+        y = raw[role][spec.label]
+        check_classes(len(y), int(np.count_nonzero(y > 0)), role, _split_files(spec, role), spec.label)
     enc = fit_encoders(spec, raw["train"])
     splits: dict[str, Split] = {}
     oov: dict[str, dict[str, int]] = {}
@@ -390,9 +421,45 @@ def build_dataset(spec: DatasetSpec) -> Dataset:
         "spec": json.loads(spec.canonical_json()),
         "oov_counts": oov,
         "bucket_edges": {e.name: e.edges for e in enc.fields if e.edges is not None},
+        "bucket_stats": bucket_stats(enc, splits["train"]),
         "numeric_stats": {
             e.name: {"mean": e.mean, "std": e.std} for e in enc.fields if e.kind == "num"
         },
         "encoders": enc.to_json(),  # FittedEncoders.from_json(ds.meta["encoders"]) re-encodes raw rows
     }
     return Dataset(spec.name, enc.schema, splits["train"], splits["valid"], splits["test"], meta)
+
+
+def bucket_stats(enc: FittedEncoders, train: Split) -> dict[str, dict[str, Any]]:
+    """Per bucketised numeric field: the buckets fitted and the shares of the encoded train rows
+    in its largest bucket and in OOV (missing values)."""
+    out: dict[str, dict[str, Any]] = {}
+    n = max(len(train["label"]), 1)
+    for e in enc.fields:
+        if e.edges is None:
+            continue
+        info = enc.schema.field(e.name)
+        local = np.asarray(train["cat"][:, info.column], np.int64) - info.offset
+        counts = np.bincount(local, minlength=info.vocab_size)
+        out[e.name] = {
+            "buckets": e.n_buckets,
+            "largest_share": float(counts[FIRST:].max(initial=0) / n),
+            "missing_share": float(counts[OOV] / n),
+        }
+    return out
+
+
+def bucket_notes(meta: Mapping[str, Any]) -> list[str]:
+    """Log lines for ``meta["bucket_stats"]``: one per bucketised numeric field, plus a warning
+    for a field that one id (a bucket, or OOV) holds :data:`NEAR_CONSTANT_SHARE` of train rows
+    of -- it is (nearly) constant after encoding and carries (almost) no information."""
+    lines = []
+    for name, s in (meta.get("bucket_stats") or {}).items():
+        missing = f", missing (OOV) {s['missing_share']:.1%}" if s["missing_share"] else ""
+        lines.append(f"data  bucketised {name}: {s['buckets']} buckets, largest holds "
+                     f"{s['largest_share']:.1%} of train rows{missing}")
+        top = max(s["largest_share"], s["missing_share"])
+        if top >= NEAR_CONSTANT_SHARE:
+            lines.append(f"warn  bucketised {name} is nearly constant: one id holds {top:.1%} of "
+                         "train rows, so the field carries almost no information")
+    return lines

@@ -2,15 +2,18 @@
 
 Layout of a shard directory::
 
-    index.json                 rows, rows per shard, arrays (dtype, trailing shape), source fingerprint
+    index.json                 rows, rows per shard, arrays (dtype, trailing shape), source
+                               fingerprint, each file's checksum (dpn_jax.data.integrity)
     cat/00000.npy, cat/00001.npy, ...
     label/00000.npy, ...
     seq/<field>/00000.npy, ...
 
 Write one with :func:`write_shards` (or :class:`ShardWriter` chunk by chunk, for data that never
 fits in memory), open it with :class:`ShardedSplit`, or let :func:`shard_split` do both (it
-rewrites the shards when the source data changed). A :class:`ShardedSplit` stands in for
-``Dataset.train``: ``fit`` calls its :meth:`~ShardedSplit.batches`.
+rewrites the shards when the source data changed, or when a shard file fails its check). A
+:class:`ShardedSplit` stands in for ``Dataset.train``: ``fit`` calls its
+:meth:`~ShardedSplit.batches`. Opening one checks every shard file's size, header and a
+sampled checksum (a few blocks a file).
 
 Epoch order (shuffle=True), a deterministic function of ``(seed, epoch)`` and the window size:
 ``rng = default_rng((seed, epoch))``; the shards are visited in the order
@@ -30,17 +33,20 @@ import json
 import queue
 import shutil
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from dpn_jax.data import integrity
 from dpn_jax.data.schema import Split, split_len
 from dpn_jax.errors import ConfigError, DataError
 
 INDEX = "index.json"
-VERSION = 1
+VERSION = 2  # 2: per-file checksums
+SAMPLE_BLOCKS = 4  # blocks of each shard file hashed when the shards are opened
 DEFAULT_ROWS_PER_SHARD = 65536
 DEFAULT_BUDGET_MB = 512
 BATCH_COPIES = 2  # a prefetched batch may exist twice: as numpy and as its device copy (CPU)
@@ -82,6 +88,7 @@ class ShardWriter:
         self._buffered = 0
         self._shards: list[int] = []
         self._arrays: dict[str, dict] | None = None
+        self._checksums: dict[str, dict] = {}
 
     def append(self, chunk: Mapping[str, np.ndarray]) -> None:
         chunk = {k: np.asarray(v) for k, v in chunk.items()}
@@ -104,7 +111,8 @@ class ShardWriter:
         for k, v in joined.items():
             path = _shard_path(self.directory, k, shard)
             path.parent.mkdir(parents=True, exist_ok=True)
-            np.save(path, np.ascontiguousarray(v[:rows]))
+            rel = path.relative_to(self.directory).as_posix()
+            self._checksums[rel] = integrity.save_npy(path, v[:rows], blocks=SAMPLE_BLOCKS)
         self._shards.append(rows)
         rest = {k: v[rows:] for k, v in joined.items()}
         self._buffered -= rows
@@ -116,7 +124,8 @@ class ShardWriter:
         if self._arrays is None:
             raise DataError("no rows were written: append at least one chunk")
         index = {"version": VERSION, "rows": sum(self._shards), "rows_per_shard": self.rows_per_shard,
-                 "shards": self._shards, "arrays": self._arrays, "source": self.source}
+                 "shards": self._shards, "arrays": self._arrays, "source": self.source,
+                 "checksums": self._checksums}
         (self.directory / INDEX).write_text(json.dumps(index), encoding="utf-8")
         return self.directory
 
@@ -141,7 +150,10 @@ def shard_split(split: Split, directory: str | Path, *, rows_per_shard: int = DE
             index = {}
         if index.get("version") == VERSION and index.get("source") == fingerprint(split) \
                 and index.get("rows_per_shard") == rows_per_shard:
-            return ShardedSplit(d, memory_budget_mb=memory_budget_mb)
+            try:
+                return ShardedSplit(d, memory_budget_mb=memory_budget_mb)
+            except DataError as e:  # a damaged shard: write them again
+                warnings.warn(f"rewriting the shards in {d}: {e}", stacklevel=2)
         shutil.rmtree(d)  # our own stale shards (it holds our index): rewrite them
     elif d.exists() and any(d.iterdir()):
         raise ConfigError(f"--out-of-core {d}: the directory holds files but no {INDEX}; "
@@ -210,6 +222,13 @@ class ShardedSplit(Mapping):
             raise DataError(f"{self.directory} holds no {INDEX}: write shards there with write_shards") from None
         if self.index.get("version") != VERSION:
             raise DataError(f"{self.directory}: shard format {self.index.get('version')} != {VERSION}; rewrite them")
+        sums = self.index.get("checksums", {})
+        for s in range(len(self.index["shards"])):
+            for key in self.index["arrays"]:
+                path = _shard_path(self.directory, key, s)
+                problem = integrity.quick_problem(path, sums.get(path.relative_to(self.directory).as_posix()))
+                if problem is not None:
+                    raise DataError(f"{path}: {problem}; rewrite the shards")
         self.rows = int(self.index["rows"])
         ends = np.cumsum(self.index["shards"]).tolist()
         self.bounds = list(zip([0, *ends[:-1]], ends))

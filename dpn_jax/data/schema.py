@@ -1,7 +1,7 @@
 """The encoded-dataset contract shared by readers, models and training.
 
 Every field owns a contiguous block of rows in ONE concatenated embedding table, so a model
-embeds all categorical inputs with a single gather. Inside a block the local layout is
+embeds all categorical inputs with a single gather. Inside a block the local layout is::
 
     local 0 = padding (sequence steps past the history; masked out by models)
     local 1 = out-of-vocabulary (unseen at train time, or rarer than ``min_count``)
@@ -11,7 +11,7 @@ and the global id stored in the arrays is ``offset + local``. A ``sequence`` fie
 ``share_vocab: other`` uses the block of ``other`` (same offset and vocabulary), so a behaviour
 and its target item share one embedding row.
 
-Arrays of a split (all with the same leading dimension N):
+Arrays of a split (all with the same leading dimension N)::
 
     "cat":   int32 [N, n_cat]   global ids of categorical and bucketised numeric fields
     "num":   float32 [N, n_num] standardised dense numeric fields

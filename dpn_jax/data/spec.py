@@ -8,6 +8,7 @@ A spec says where the raw files are, how to read them and how to encode every fi
     valid: data/valid.csv     # optional; carved from train when absent (see split)
     split: {valid: 0.1, test: 0.1, seed: 2021}
     label: clicked
+    label_values: [0, 1]   # or [-1, 1] (read as 0/1); libfm files may use either
     fields:
       - {name: user_id, type: categorical, min_count: 2}
       - {name: age, type: numeric, buckets: 10}
@@ -39,6 +40,7 @@ FORMATS: tuple[str, ...] = ("csv", "parquet", "libfm")
 FIELD_TYPES: tuple[str, ...] = ("categorical", "numeric", "sequence")
 DEFAULT_SEED = 2021
 LIBFM_LABEL = "label"  # the libfm reader stores each line's first token under this name
+LABEL_VALUES = ((0, 1), (-1, 1))  # what a csv/parquet label column may hold (-1 is read as 0)
 
 TOP_KEYS = (
     "name",
@@ -48,6 +50,7 @@ TOP_KEYS = (
     "test",
     "split",
     "label",
+    "label_values",
     "sep",
     "fields",
     "num_fields",
@@ -108,6 +111,7 @@ class DatasetSpec:
     split: SplitSpec = SplitSpec()
     sep: str = ","
     source: str = "<code>"  # the spec file (or a description of a built-in) for error messages
+    label_values: tuple[int, int] = (0, 1)  # csv/parquet: the label column's two values
 
     def field(self, name: str) -> FieldSpec:
         for f in self.fields:
@@ -131,6 +135,8 @@ class DatasetSpec:
             "split": dataclasses.asdict(self.split),
             "files": {r: [p.name for p in getattr(self, r)] for r in ("train", "valid", "test")},
         }
+        if self.label_values != (0, 1):  # only when given: the other specs keep their cache key
+            d["label_values"] = list(self.label_values)
         return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
 
@@ -181,6 +187,14 @@ def parse_spec(
     else:
         v.require(raw, "label", f"a {fmt} spec")
         label = v.string(raw["label"], "label")
+    label_values = (0, 1)
+    if raw.get("label_values") is not None:
+        if fmt == "libfm":
+            v.fail("label_values applies to csv and parquet; libfm labels may be 0/1 or -1/1 as they are")
+        given = raw["label_values"]
+        if not isinstance(given, list) or tuple(given) not in LABEL_VALUES:
+            v.fail(f"label_values must be [0, 1] or [-1, 1], got {given!r}")
+        label_values = (int(given[0]), int(given[1]))
 
     fields = _parse_fields(v, raw, fmt)
     if fmt != "libfm":
@@ -212,7 +226,7 @@ def parse_spec(
     )
     return DatasetSpec(
         name=name, format=fmt, label=label, fields=fields, train=files["train"], valid=files["valid"],
-        test=files["test"], split=split, sep=sep, source=source,
+        test=files["test"], split=split, sep=sep, source=source, label_values=label_values,
     )  # fmt: skip
 
 

@@ -26,6 +26,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -34,8 +35,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dpn_jax.data import cache
-from dpn_jax.data.encode import FieldEncoder, FittedEncoders, _layout
+from dpn_jax.data import cache, integrity
+from dpn_jax.data.encode import (
+    FieldEncoder,
+    FittedEncoders,
+    _layout,
+    check_classes,
+    warn_empty_numeric,
+)
 from dpn_jax.data.schema import FIRST, OOV, Dataset
 from dpn_jax.errors import DataError
 
@@ -139,6 +146,7 @@ class _Stats:
     def __init__(self, fields: Sequence[StreamField]):
         self.fields = fields
         self.rows = [0, 0, 0]
+        self.positives = [0, 0, 0]
         self.parts: dict[str, list[pa.Table]] = {f.name: [] for f in fields if f.kind == "cat"}
         self.moments = {f.name: np.zeros(3) for f in fields if f.kind == "num"}  # n, mean, M2
 
@@ -147,6 +155,7 @@ class _Stats:
         roles = _roles(chunk.role, n)
         for r in range(3):
             self.rows[r] += int(np.count_nonzero(roles == r))
+            self.positives[r] += int(np.count_nonzero((roles == r) & (chunk.label > 0)))
         train = roles == 0
         if not train.any():
             return
@@ -169,6 +178,14 @@ class _Stats:
                     d, tot = m1 - m0, n0 + n1
                     self.moments[f.name] = np.array(
                         [tot, m0 + d * n1 / tot, q0 + q1 + d * d * n0 * n1 / tot])
+
+    def check(self, source: str) -> None:
+        """Both classes in train and valid; a warning for a numeric field without any value."""
+        for r, role in enumerate(ROLES):
+            check_classes(self.rows[r], self.positives[r], role, source)
+        for f, (n, _, _) in self.moments.items():
+            if n == 0:
+                warn_empty_numeric(f, f, source)
 
     def encoders(self, label: str) -> FittedEncoders:
         encs: dict[str, FieldEncoder] = {}
@@ -215,20 +232,21 @@ class _NpyAppender:
     map, so the pages written do not count against the process (and need no random access)."""
 
     def __init__(self, path: Path, dtype, shape: tuple[int, ...]):
-        self.dtype, self.shape, self.written = np.dtype(dtype), shape, 0
+        self.path, self.dtype, self.shape, self.written = path, np.dtype(dtype), shape, 0
         self.fh = open(path, "wb")  # noqa: SIM115 - closed in close()
-        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
-                  "shape": shape}  # fmt: skip
-        np.lib.format.write_array_header_2_0(self.fh, header)
+        self.out = integrity.HashingWriter(self.fh)  # the checksum is computed while writing
+        self.out.write(integrity.header_bytes(self.dtype, shape))
 
     def append(self, rows: np.ndarray) -> None:
-        self.fh.write(np.ascontiguousarray(rows, dtype=self.dtype).tobytes())
+        self.out.write(np.ascontiguousarray(rows, dtype=self.dtype).tobytes())
         self.written += rows.shape[0]
 
-    def close(self) -> None:
+    def close(self) -> dict:
+        """Close the file; returns its checksum record (:mod:`dpn_jax.data.integrity`)."""
         self.fh.close()
         if self.written != self.shape[0]:
             raise AssertionError(f"{self.fh.name}: wrote {self.written} rows of {self.shape[0]}")
+        return integrity.make_record(self.path, self.dtype, self.shape, self.out)
 
 
 def encode_stream(
@@ -245,7 +263,13 @@ def encode_stream(
     """Encode ``source`` (read twice) into ``directory`` (created atomically) and load it."""
     final = Path(directory)
     if (final / "meta.json").is_file():
-        return cache.load(final)
+        try:
+            ds = cache.load(final)
+            ds.meta["cache"] = {"dir": str(final), "hit": True}
+            return ds
+        except (DataError, OSError, ValueError, KeyError) as e:  # damaged: encode again
+            warnings.warn(f"re-encoding the dataset cache {final}: {e}", stacklevel=2)
+            shutil.rmtree(final, ignore_errors=True)
     bar = Progress(total_bytes, progress, log)
     try:
         stats = _Stats(fields)
@@ -258,11 +282,12 @@ def encode_stream(
                 raise DataError(f"{name}: the {role} split is empty after reading the source files")
         if stats.rows[0] == 0:
             raise DataError(f"{name}: no training rows after reading the source files")
+        stats.check((meta or {}).get("source", name))
         enc = stats.encoders(label="label")
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
         try:
-            oov = _write(enc, stats.rows, source, tmp, bar, name)
+            oov, checksums = _write(enc, stats.rows, source, tmp, bar, name)
             full_meta = {
                 **(meta or {}),
                 "oov_counts": oov,
@@ -272,7 +297,8 @@ def encode_stream(
             }  # fmt: skip
             (tmp / "meta.json").write_text(json.dumps({
                 "cache_version": cache.CACHE_VERSION, "name": name, "schema": enc.schema.to_json(),
-                "arrays": {r: ["cat", "label", "num"] for r in ROLES}, "meta": full_meta,
+                "arrays": {r: ["cat", "label", "num"] for r in ROLES}, "checksums": checksums,
+                "meta": full_meta,
             }), encoding="utf-8")  # fmt: skip
             try:
                 os.rename(tmp, final)
@@ -285,11 +311,14 @@ def encode_stream(
             raise
     finally:
         bar.close()
-    return cache.load(final)
+    ds = cache.load(final)
+    ds.meta["cache"] = {"dir": str(final), "hit": False}
+    return ds
 
 
 def _write(enc: FittedEncoders, rows: list[int], source: ChunkSource, tmp: Path, bar: Progress,
-           name: str) -> dict[str, dict[str, int]]:  # fmt: skip
+           name: str) -> tuple[dict[str, dict[str, int]], dict[str, dict]]:  # fmt: skip
+    """Pass 2: the arrays of every split; returns the OOV counts and each file's checksum."""
     schema = enc.schema
     n_cat, n_num = len(schema.cat_fields), len(schema.numeric_fields)
     out = {}
@@ -341,7 +370,6 @@ def _write(enc: FittedEncoders, rows: list[int], source: ChunkSource, tmp: Path,
     if cursor != rows:
         raise DataError(f"{name}: the source changed between the two passes ({cursor} rows "
                         f"the second time, {rows} the first); prepare again")  # fmt: skip
-    for arrays in out.values():
-        for a in arrays.values():
-            a.close()
-    return oov
+    checksums = {f"{role}/{key}.npy": a.close() for role, arrays in out.items()
+                 for key, a in arrays.items()}  # fmt: skip
+    return oov, checksums

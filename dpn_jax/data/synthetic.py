@@ -1,6 +1,6 @@
 """A synthetic CTR dataset with PLANTED structure, for tests, smoke runs and model sanity checks.
 
-The true click logit of a row ``x`` (one value per categorical field) is
+The true click logit of a row ``x`` (one value per categorical field) is::
 
     logit(x) = base_rate + UNIT * (
                  additive   * sum_f a_f[x_f]                                        (first order)

@@ -7,9 +7,9 @@ bounded memory by :mod:`dpn_jax.data.stream` into the dataset cache.
 =======================  ======================================  ==========================  =======
 name                     files in ``<data dir>/<folder>/``       split                       fields
 =======================  ======================================  ==========================  =======
-``criteo``               ``criteo/train.txt`` (Kaggle raw TSV)    random 7:2:1 (AFN), seeded  39
+``criteo``               ``criteo/train.txt`` (Kaggle raw TSV)   random 7:2:1 (AFN), seeded  39
 ``criteo_x1``            ``Criteo_x1/{train,valid,test}.csv``    BARS files (7:2:1, AFN)     39
-``avazu``                ``avazu/train.gz`` (Kaggle raw CSV)      random 7:1:2 (AFN), seeded  23
+``avazu``                ``avazu/train.gz`` (Kaggle raw CSV)     random 7:1:2 (AFN), seeded  23
 ``avazu_x1``             ``Avazu_x1/{train,valid,test}.csv``     BARS files (7:1:2, AFN)     22
 ``movielens_tag``        ``movielens_tag/ml-tag.*.libfm`` (NFM)  the NFM files               3
 ``movielens_latest_x1``  ``MovielensLatest_x1/*.csv``            BARS files (7:2:1, AFN)     3
@@ -236,14 +236,17 @@ def read_csv_chunks(
         stream.close()
 
 
-def labels(col: pa.Array, path: Path, first: int, locate: _Locator, name: str) -> np.ndarray:
-    """0/1 (or -1/1) text -> float32 0/1; anything else names its line."""
+def labels(col: pa.Array, path: Path, first: int, locate: _Locator, name: str,
+           minus_one: bool = False) -> np.ndarray:  # fmt: skip
+    """0/1 text (with ``minus_one``, libfm's -1/1 too) -> float32 0/1; anything else names its
+    line."""
+    allowed = ["0", "1", "0.0", "1.0"] + (["-1", "-1.0"] if minus_one else [])
     text = col.fill_null("")
-    ok = pc.is_in(text, value_set=pa.array(["0", "1", "-1", "0.0", "1.0", "-1.0"]))
+    ok = pc.is_in(text, value_set=pa.array(allowed))
     if not pc.all(ok).as_py():
         i = int(np.flatnonzero(~np.asarray(ok.to_numpy(zero_copy_only=False)))[0])
         raise DataError(f"{path}: line {locate(first + i)}: label {name!r} is {text[i].as_py()!r}; "
-                        "expected 0/1 (or -1/1)")  # fmt: skip
+                        f"expected {'0/1 or -1/1' if minus_one else '0/1'}")  # fmt: skip
     return (pc.cast(pc.cast(text, pa.float64()), pa.float32()).to_numpy(zero_copy_only=False) > 0
             ).astype(np.float32)  # fmt: skip
 
@@ -326,7 +329,8 @@ def _libfm_chunks(fields: Sequence[str]):
                                                     what=f"label and {len(fields)} idx:val tokens"):  # fmt: skip
                 out = {f: pc.replace_substring_regex(b.column(f), pattern=":.*$", replacement="")
                        for f in fields}  # fmt: skip
-                yield Chunk(out, labels(b.column("label"), path, first, locate, "label"), r)
+                yield Chunk(out, labels(b.column("label"), path, first, locate, "label",
+                                        minus_one=True), r)  # fmt: skip
 
     return chunks
 
@@ -432,7 +436,6 @@ def load_tabular(
     say = log or (lambda m: print(m, flush=True))
     meta = {"source": f"built-in {name} ({b.describe}) from {sorted(str(p) for p in files.values())}",
             "builtin": {"name": name, **options}}  # fmt: skip
-    hit = (directory / "meta.json").is_file()
 
     def source(bar: Progress) -> Iterator[Chunk]:
         opts.skipped.clear()
@@ -444,10 +447,9 @@ def load_tabular(
     total = sum(p.stat().st_size for p in files.values())
     ds = encode_stream(name, fields, source, directory, total_bytes=total, meta=meta,
                        progress=progress, log=say)  # fmt: skip
-    if not hit and opts.skipped:
+    if not ds.meta["cache"]["hit"] and opts.skipped:
         say(f"note  {name}: skipped {len(opts.skipped):,} malformed lines (wrong column count; "
             f"first in {opts.skipped[0][0]})")  # fmt: skip
-    ds.meta["cache"] = {"dir": str(directory), "hit": hit}
     return ds
 
 

@@ -1,7 +1,7 @@
 """The Dynamic Parameterized Operation (DPO) as pure JAX functions (no Flax).
 
 ``y_i = f(x_i; g(z; θ))``: a weight-generate family ``g`` (:mod:`.generate`) and a feature-aggregate
-function ``f`` (:mod:`.aggregate`); see ``shared/paper/NOTES.md`` §1-4.  Parameters are NamedTuples of
+function ``f`` (:mod:`.aggregate`); see docs/dpo_math.md.  Parameters are NamedTuples of
 arrays built by ``init_*`` functions; ``make_generator`` / the family factories close over the
 hyper-parameters and return a :class:`WeightGenerator` (``init``, ``generate``, ``apply``, ...).
 """

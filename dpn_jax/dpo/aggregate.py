@@ -1,4 +1,4 @@
-"""Feature-aggregate functions ``f(x; W, b)`` and the field-based DPO (paper §2.3; NOTES §3-4).
+"""Feature-aggregate functions ``f(x; W, b)`` and the field-based DPO (paper §2.3; docs/dpo_math.md, §'Feature-based DPO' and §'Field-based DPO').
 
 * :func:`matrix_product` -- instance-wise ``y = W x + b`` (feature-based DPO, "DyMLP").
 * :func:`fieldwise_product` -- per-field kernels ``y_i = W_i x_i + b_i`` on ``X ∈ R^{B×F×d}``.
@@ -35,7 +35,7 @@ FIELD_AGGREGATIONS = ("self", "sum", "attentive", "concat")
 
 
 def matrix_product(w: Array, x: Array, b: Array | None = None) -> Array:
-    """Instance-wise ``y = W x + b``: ``W [B,n,m], x [B,m], b [B,n] -> [B,n]`` (NOTES §3)."""
+    """Instance-wise ``y = W x + b``: ``W [B,n,m], x [B,m], b [B,n] -> [B,n]`` (docs/dpo_math.md, §'Feature-based DPO')."""
     chex.assert_rank([w, x], [3, 2])
     chex.assert_equal_shape_prefix([w, x], 1)
     chex.assert_axis_dimension(w, 2, x.shape[1])
@@ -48,7 +48,7 @@ def matrix_product(w: Array, x: Array, b: Array | None = None) -> Array:
 
 def fieldwise_product(w: Array, x: Array, b: Array | None = None) -> Array:
     """Per-field kernels ``y_i = W_i x_i + b_i``: ``W [B,F,n,d], x [B,F,d], b [B,F,n] -> [B,F,n]``
-    (NOTES §4: instance- and field-specific filters)."""
+    (docs/dpo_math.md, §'Field-based DPO': instance- and field-specific filters)."""
     chex.assert_rank([w, x], [4, 3])
     chex.assert_equal_shape_prefix([w, x], 2)
     chex.assert_axis_dimension(w, 3, x.shape[2])
@@ -75,7 +75,7 @@ def bilinear_attention(params: BilinearAttentionParams, x: Array, z: Array, *,
                        exclude_self: bool = False) -> Array:
     """``a_ij = softmax_j(x_iᵀ A z_j / sqrt(d_z))``: ``x [B,F,d_x], z [B,F,d_z] -> a [B,F,F]``.
 
-    The paper only says "a from an attention layer" (NOTES §4); a bilinear form is the simplest one
+    The paper only says "a from an attention layer" (docs/dpo_math.md, §'Field-based DPO'); a bilinear form is the simplest one
     with parameters.  ``exclude_self`` masks ``j = i`` (needs ``F > 1``).
     """
     chex.assert_rank([x, z], 3)
@@ -130,7 +130,7 @@ def field_coefficients(aggregation: str, gen: WeightGenerator, params: Any, z: A
 def field_apply(aggregation: str, gen: WeightGenerator, params: Any, x: Array,
                 z: Array | None = None, *, scores: Array | None = None,
                 exclude_self: bool = False) -> Array:
-    """Field-based DPO, fused: ``x [B,F,d], z [B,F,c] (default x) -> y [B,F,n]`` (NOTES §4)."""
+    """Field-based DPO, fused: ``x [B,F,d], z [B,F,c] (default x) -> y [B,F,n]`` (docs/dpo_math.md, §'Field-based DPO')."""
     z = x if z is None else z
     chex.assert_rank([x, z], 3)
     chex.assert_equal_shape_prefix([x, z], 2)

@@ -1,4 +1,4 @@
-"""Decomposition of the low-rank feature DPO (paper §2.2 after Eqn. 5; NOTES §2).
+"""Decomposition of the low-rank feature DPO (paper §2.2 after Eqn. 5; docs/dpo_math.md, §'Decomposition').
 
 ``y = W(z) x + b(z)`` with ``vec(W) = Ẇ h(z) + ḃ`` splits into
 

@@ -1,7 +1,7 @@
 """Weight-generate families ``g(z; θ) -> (W, b)`` of the Dynamic Parameterized Operation.
 
 Paper: Zhu et al., "Dynamic Parameterized Network for CTR Prediction" (arXiv 2111.04983), §2.2 and the
-Table 2a ablation; reconstructed equations in ``shared/paper/NOTES.md`` §2.  Notation: input
+Table 2a ablation; the equations written out in docs/dpo_math.md, §'Weight generators'.  Notation: input
 ``x ∈ R^m`` (``in_features``), context ``z ∈ R^c`` (``context_features``), output ``y ∈ R^n``
 (``out_features``); every array carries a leading batch axis ``B``.
 
@@ -22,8 +22,7 @@ bias, so a fresh DPO is a well-initialised dense layer.  The *dynamic* part is s
 unit-variance ``x`` and ``z``, its output has std ``≈ dynamic_scale · sqrt(E[h²])`` of the static one
 (default 0.25; ReLU's ``E[h²] = 1/2`` gives ≈0.18).  The dynamic bias weights start at zero (like
 ``Dense``'s bias): they still receive gradient ``h·δ``.  Output variance at init is then
-``1 + O(dynamic_scale²)`` times a Dense layer's (measured 1.01-1.09 across the families), so the
-same learning rate is safe.  All random draws are ±2σ truncated normals rescaled to the stated std,
+``1 + O(dynamic_scale²)`` times a Dense layer's, so the same learning rate is safe.  All random draws are ±2σ truncated normals rescaled to the stated std,
 made in ONE call per init (see :func:`draw`).
 """
 
@@ -98,7 +97,7 @@ class WeightGenerator(NamedTuple):
         return w, b
 
     def apply(self, params: Params, x: Array, z: Array) -> Array:
-        """Fused DPO ``y = W(z) x + b(z)``: ``x [B,m], z [B,c] -> y [B,n]`` (NOTES §3)."""
+        """Fused DPO ``y = W(z) x + b(z)``: ``x [B,m], z [B,c] -> y [B,n]`` (docs/dpo_math.md, §'Feature-based DPO')."""
         chex.assert_rank([x, z], 2)
         chex.assert_shape([x, z], [(None, self.in_features), (None, self.context_features)])
         chex.assert_equal_shape_prefix([x, z], 1)
@@ -201,7 +200,7 @@ def init_hidden(key: chex.PRNGKey, context_features: int, rank: int, dtype: Any 
 
 
 def hidden(params: HiddenParams, z: Array, activation: Activation) -> Array:
-    """``h(z) = σ(Ŵ z + b̂)`` of NOTES Eqn. 5: ``[B,c] -> [B,l]``."""
+    """``h(z) = σ(Ŵ z + b̂)`` of the paper's Eqn. 5 (docs/dpo_math.md, §'Low-rank generator'): ``[B,c] -> [B,l]``."""
     return activation(z @ params.kernel + params.bias)
 
 
@@ -211,7 +210,7 @@ def _dynamic_std(fan_in: int, terms: int, scale: float) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# low-rank two-layer MLP (NOTES Eqn. 5, the default)
+# low-rank two-layer MLP (the paper's Eqn. 5, the default; docs/dpo_math.md, §'Low-rank generator')
 
 
 class LowRankParams(NamedTuple):
@@ -242,7 +241,7 @@ def lowrank(in_features: int, out_features: int, context_features: int, rank: in
             activation: str | Activation = "relu", use_bias: bool = True,
             dynamic_scale: float = DEFAULT_DYNAMIC_SCALE, dtype: Any = jnp.float32,
             matmul: Callable[[Array, Array], Array] = jnp.matmul) -> WeightGenerator:
-    """Low-rank generator (NOTES Eqn. 5): ``h = σ(Ŵz + b̂)``, ``vec(W) = Ẇh + ḃ``, ``b = W̃h + b̃``.
+    """Low-rank generator (the paper's Eqn. 5; docs/dpo_math.md, §'Low-rank generator'): ``h = σ(Ŵz + b̂)``, ``vec(W) = Ẇh + ḃ``, ``b = W̃h + b̃``.
 
     Fused cost ≈ ``rank + 1`` dense layers: ``W(z)x = ḃx + Σ_k h_k(z)(Ẇ_k x)``, the ``rank + 1``
     products done as one ``matmul(x, [ḃ | Ẇ_1 | ... | Ẇ_k])`` (``matmul``: e.g.
@@ -291,7 +290,7 @@ def init_hyperdense(key: chex.PRNGKey, in_features: int, out_features: int,
 def hyperdense(in_features: int, out_features: int, context_features: int, *,
                use_bias: bool = True, dynamic_scale: float = DEFAULT_DYNAMIC_SCALE,
                dtype: Any = jnp.float32) -> WeightGenerator:
-    """Full hypernetwork ``vec(W), b = Ŵ z + b̂`` (NOTES §2, Table 2a "HyperDense").
+    """Full hypernetwork ``vec(W), b = Ŵ z + b̂`` (Table 2a "HyperDense"; docs/dpo_math.md, §'HyperDense').
 
     Its ``apply`` deliberately MATERIALISES the per-instance ``[B,n,m]`` kernel: that memory and
     time cost is what the paper's ablation measured.  (Algebraically it is the low-rank family with
@@ -453,7 +452,7 @@ def diagonal(in_features: int, out_features: int, context_features: int, rank: i
              ) -> WeightGenerator:
     """``W(z) = reshape(ḃ) + diag(h(z) D)`` (rectangular diagonal when ``n ≠ m``): the generated part
     costs ``O(l·min(m,n))`` (Table 2a complexity reduction).  With ``ḃ = 0``, ``σ = identity`` and
-    ``Ŵ = D = I`` it is ``g(z) = diag(z)`` (the FM relation, NOTES §4)."""
+    ``Ŵ = D = I`` it is ``g(z) = diag(z)`` (the FM relation, docs/dpo_math.md, §'FM and the cross layer')."""
     act = resolve_activation(activation)
     k = min(in_features, out_features)
 

@@ -1,6 +1,6 @@
 """Feature DPO with one context per input field: ``y = Σ_f W(z_f) x_f + mean_f b(z_f)``.
 
-The "other fields" context of the feature-based DPN (NOTES §3): the block of the flattened input
+The "other fields" context of the feature-based DPN (docs/dpo_math.md, §'Feature-based DPO'): the block of the flattened input
 that belongs to field ``f`` is multiplied by a kernel generated from the *other* fields, so no
 field generates its own weights. With ``x = [x_1 | ... | x_F]`` (``x_f ∈ R^d``, ``m = F d``) and a
 generator that is linear in its coefficients, ``W(z) = Σ_k κ_k(z) K_k``:

@@ -1,4 +1,4 @@
-"""Classic interaction layers written as DPOs (paper §2.3 "Relation to FM / Cross Network"; NOTES §4).
+"""Classic interaction layers written as DPOs (paper §2.3 "Relation to FM / Cross Network"; docs/dpo_math.md, §'FM and the cross layer').
 
 Both are built from the generic machinery (``generate.diagonal`` + ``aggregate``) with fixed
 parameters, so they double as executable documentation of the two relations:

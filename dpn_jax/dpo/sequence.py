@@ -1,4 +1,4 @@
-"""Sequence-based DPO (paper §2.4, Fig. 2; NOTES §5) as pure JAX functions (no Flax).
+"""Sequence-based DPO (paper §2.4, Fig. 2; docs/dpo_math.md, §'Sequence-based DPO') as pure JAX functions (no Flax).
 
 Behaviours ``X ∈ R^{B×L×d}`` with a validity mask ``m ∈ {0,1}^{B×L}`` (True = a real step; the
 schema's histories are right-padded, but any mask works), a query (target item) ``q ∈ R^{B×c}``.
@@ -25,7 +25,7 @@ combined is ambiguous, hence ``combine`` ("add" = a linear map of ``[u_i, g]``, 
 keeps the logits' scale at init; "mul" = their product).  Facts (tested): padded steps contribute
 nothing and padded outputs are zero; with softmax a length-1 history maps to itself (``y_0 = x_0``).
 
-Heterogeneous query-behaviour DPO (paper §2.4, NOTES §5): the query generates ONE kernel per
+Heterogeneous query-behaviour DPO (paper §2.4; docs/dpo_math.md, §'Heterogeneous query-behaviour DPO'): the query generates ONE kernel per
 instance that is applied to every behaviour, ``y_i = m_i (W(q) x_i + b(q))``, using any weight
 generator of :mod:`dpn_jax.dpo.generate` (low-rank Eqn. 5 by default in the layers).  Because the
 generators are linear in their coefficients ``κ(q)``, ``κ`` is computed once per instance and
@@ -68,7 +68,7 @@ def masked_mean(x: Array, mask: Array) -> Array:
 
 
 def check_kernel_size(kernel_size: int) -> int:
-    """The half-width ``r`` of an odd window ``k = 2r + 1`` (the window is centred, NOTES §5)."""
+    """The half-width ``r`` of an odd window ``k = 2r + 1`` (the window is centred, docs/dpo_math.md, §'Homogeneous behaviour-behaviour DPO')."""
     if kernel_size < 1 or kernel_size % 2 == 0:
         raise ConfigError(f"dynamic convolution: kernel_size must be a positive odd number "
                           f"(a window centred on each step), got {kernel_size}")
@@ -143,7 +143,7 @@ def dynamic_conv_weights(params: DynamicConvParams, x: Array, mask: Array, *,
                          combine: str = "add", normalize: bool = True) -> Array:
     """Per-step kernels ``W [B,L,H,k]``: zero on padded window slots and on padded steps.
 
-    ``normalize``: softmax over the valid slots of each window (NOTES §5); without it the raw
+    ``normalize``: softmax over the valid slots of each window (docs/dpo_math.md, §'Homogeneous behaviour-behaviour DPO'); without it the raw
     logits are the weights (masked the same way).
     """
     s = dynamic_conv_logits(params, x, mask, combine=combine)
@@ -205,8 +205,7 @@ def query_behaviour_apply(gen: WeightGenerator, params: Any, x: Array, q: Array,
     steps (``O(B·L·m·n)``); ``False`` is the fused form of the generator (coefficients ``κ(q)``
     broadcast to the steps, ``O(B·L·K·m·n)`` for a ``K``-term basis, no ``[B,n,m]`` kernel).
     ``None`` (default) materialises when the sequence is longer than one step (fewer FLOPs for
-    ``L > 1``; with DIN's features as well, the ``din_dpo`` train step at batch 1024, L = 50,
-    rank 4 went from 175 to 148 ms on 2 CPU cores).
+    ``L > 1``; timings in docs/results/speed.md, §'Behaviour models').
     """
     chex.assert_rank([x, q], [3, 2])
     chex.assert_equal_shape_prefix([x, q], 1)

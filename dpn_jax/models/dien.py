@@ -104,31 +104,24 @@ class AuxiliaryNet(nn.Module):
 class DIEN(nn.Module):
     """Deep Interest Evolution Network: GRU interest extractor, auxiliary loss, AUGRU evolution.
 
-    Per behaviour history: GRU interest states (+ the auxiliary next-behaviour loss in training),
-    target attention over them, AUGRU interest evolution; then the tower (MLP with Dice).
+    Zhou et al., AAAI 2019 (the formulas are in the docstring of :mod:`dpn_jax.models.dien`).  Per
+    behaviour history: GRU interest states (+ the auxiliary next-behaviour loss in training),
+    target attention over them, AUGRU interest evolution; the tower input is every field
+    embedding flattened (each history slot the masked mean of its behaviours, DIEN's pooled
+    behaviour) with the final evolved interest of each attention unit.  ``attention_groups`` as
+    DIN (joint | pair).  A schema without behaviour pairs reduces to the tower over the fields.
 
-    Zhou et al., AAAI 2019 (module doc of :mod:`dpn_jax.models.dien` for the formulas).  The tower
-    input is every field embedding flattened, each history slot being the masked mean of its
-    behaviours (DIEN's sum-pooled behaviour, as a mean), concatenated with the final evolved
-    interest of each attention unit.  ``attention_groups`` as DIN (joint | pair).
-
-    Defaults and sources: tower (200, 80) with Dice and no BatchNorm, attention MLP (80, 40) with
-    sigmoid, Dice momentum 0.9, embedding 10: as ``din`` (DIN/DIEN papers and public code, the
-    repository protocol); attention scores softmax-normalised over the valid steps (DIEN);
-    ``evolution`` augru (DIEN's best, Table 5 of DIEN; agru | aigru: its ablations);
-    ``gru_dim`` 0 = the behaviour size of each unit (DIEN's code: hidden size = the item+category
-    embedding size); ``aux_loss_weight`` 1.0 (DIEN's α; 0 switches the auxiliary loss and its
-    network off); ``aux_hidden`` (100, 50) with sigmoid (DIEN's public code);
-    ``attention_scale`` divides the scores by √d before the softmax (DIN's public code; DIEN's
-    ``din_fcn_attention`` has that line commented out: ``--set attention_scale=false``);
-    ``attention_norm`` softmax (DIEN) | sigmoid (each step's gate scale ``σ(s_t)`` on its own; the
-    trained scores are uniform with either, ``experiments/dien_probe.py``) | none (raw scores);
-    ``embedding_init_std`` 1e-4 (FuxiCTR's normal init; see ``experiments/dien_probe.py`` for what
-    it does to the softmax attention); ``query_transform`` auto (a Dense projection only when the
-    query and the interest states differ in size) | dense_prelu (DIEN's ``din_fcn_attention``:
-    always Dense to the interest size, then PReLU with α starting at 0 as its ``prelu``).
-    A schema without
-    behaviour pairs reduces to the tower over the field embeddings."""
+    Defaults and their sources: tower (200, 80) with Dice and no BatchNorm, attention MLP (80, 40)
+    with sigmoid, Dice momentum 0.9, embedding 10, as ``din``; ``evolution`` augru (DIEN's best;
+    agru | aigru are its ablations); ``gru_dim`` 0 = the behaviour size of each unit (DIEN's
+    code); ``aux_loss_weight`` 1.0 (DIEN's α; 0 switches the auxiliary loss off);
+    ``aux_hidden`` (100, 50) with sigmoid (DIEN's code); ``embedding_init_std`` 1e-4 (FuxiCTR).
+    Attention: ``attention_scale`` divides the scores by √d (DIN's code; DIEN's
+    ``din_fcn_attention`` does not: ``--set attention_scale=false``); ``attention_norm`` softmax
+    (DIEN) | sigmoid (each step's gate ``σ(s_t)`` on its own) | none; ``query_transform`` auto (a
+    Dense projection only when the query and the interest states differ in size) | dense_prelu
+    (DIEN's ``din_fcn_attention``: Dense to the interest size, then PReLU starting at 0).  What
+    these options do to the trained attention: docs/results/behaviour_models.md, §'Table 5'."""
 
     schema: Schema
     embedding_dim: int = 10
@@ -227,7 +220,7 @@ class DIENDPO(DIEN):
     """DIEN armed with the heterogeneous query-behaviour DPO in its attention unit (Table 5,
     "DPO-armed DIEN").
 
-    Paper §2.4/§3.2 (NOTES §5): the first layer of the attention MLP that scores the interest
+    Paper §2.4/§3.2 (docs/dpo_math.md, §'Heterogeneous query-behaviour DPO'): the first layer of the attention MLP that scores the interest
     states becomes ``W(q) x_i + b(q)``, its kernel generated from the target ``q`` (``generator``
     lowrank = Eqn. 5, rank 4, or any of ``dpn_jax.dpo.GENERATORS``; ``heads``, ``num_kernels``).
     ``dpo_input="features"`` (default) applies it to DIN's ``[q, h_i, q−h_i, q⊙h_i]`` (its static

@@ -86,7 +86,7 @@ def dpn_tower(m: nn.Module, e: jnp.ndarray, train: bool, *, generator_heads: int
 class DPN(nn.Module):
     """Feature-based DPN ("DyMLP"): the DNN with DPO layers y = W(z)x + b(z) in place of dense ones.
 
-    Paper §2.2-2.3 and Table 2 (NOTES §3): the first fully connected layer (``dpo_layers``:
+    Paper §2.2-2.3 and Table 2 (docs/dpo_math.md, §'Feature-based DPO'): the first fully connected layer (``dpo_layers``:
     first | second | all | "1,3") becomes a dynamic parameterized operation whose kernel is
     generated per instance from a context (``context``: ``input`` = the flattened embeddings,
     ``other_fields`` = each field block's kernel from the other fields, or comma-separated field
@@ -146,23 +146,20 @@ class _FieldInteraction(nn.Module):
 class DPNField(nn.Module):
     """Field-based DPN alone: field DPO y_i = f(x_i; g(z)) over field embeddings -> output layer.
 
-    Paper §2.3 (NOTES §4), Table 1's single-module form: ``aggregation`` sum (default:
+    Paper §2.3 (docs/dpo_math.md, §'Field-based DPO'), Table 1's single-module form: ``aggregation`` sum (default:
     y_i = Σ_j g(z_j) x_i) | self (y_i = g(x_i) x_i) | attentive | concat; low-rank generator
     (rank 4) shared by the fields; ``layers`` stacked field DPOs, each with the original
     embeddings as context; a linear term as in FM-style models.
 
     ``self`` with z = x has NO cross-field term: each y_i is a function of field i alone (at every
     layer, since each layer's context is the field's own embedding), so the model is additive in
-    the fields, logistic regression's class (tested); it cannot learn a planted pairwise
-    interaction (``synthetic``: 0.658, the LR level).
+    the fields, logistic regression's class (tested).
 
-    Defaults that differ from the feature DPO, each measured (3 seeds, ``experiments/table2.py``
-    aggregation group): an identity generator hidden layer, embedding init std 0.1 and dynamic
-    scale 1.0 (with a ReLU layer, 1e-4 embeddings and scale 0.25 the multiplicative path never
-    left its flat start: 0.657 on ``synthetic``), and the context LayerNorm (``context_norm``):
-    without it, sum aggregation still stalled at the LR level for one seed in three and attentive
-    for all; with it every seed trains (synthetic sum 0.6956 ± 0.0030 vs 0.6870 ± 0.0256,
-    attentive 0.6947 vs 0.6577; Frappe sum 0.9298 vs 0.9242)."""
+    Defaults that differ from the feature DPO, chosen by the Table 2 aggregation runs
+    (``experiments/table2.py``; docs/results/feature_models.md, §'Measurements behind the DPN
+    defaults'): an identity generator hidden layer, embedding init std 0.1, dynamic scale 1.0 and
+    the context LayerNorm (``context_norm``), without which the multiplicative path can stay at
+    its flat start."""
 
     schema: Schema
     embedding_dim: int = 10
@@ -194,9 +191,8 @@ class DPNFieldDNN(nn.Module):
 
     The field DPO as in ``dpn_field`` (sum aggregation, context LayerNorm) but on the DNN's
     embeddings (std 1e-4) with the feature DPO's generator defaults; the DNN is the AFN/BARS
-    tower (400-400-400, BatchNorm, ReLU); both outputs are concatenated (DCN-style).  Measured on
-    Frappe (3 seeds): sum + LayerNorm 0.9369 ± 0.0012, attentive 0.9367 ± 0.0015, and the former
-    default (self, no LayerNorm) 0.9370 ± 0.0014: the DNN carries this model on Frappe."""
+    tower (400-400-400, BatchNorm, ReLU); both outputs are concatenated (DCN-style).  Results per
+    aggregation: docs/results/feature_models.md, §'Measurements behind the DPN defaults'."""
 
     schema: Schema
     embedding_dim: int = 10

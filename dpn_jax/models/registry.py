@@ -16,6 +16,7 @@ import flax.linen as nn
 
 from dpn_jax.data.schema import Schema
 from dpn_jax.errors import ConfigError
+from dpn_jax.models.options import check_model_options
 
 _REGISTRY: dict[str, type[nn.Module]] = {}
 _LEGACY: dict[str, dict[str, Any]] = {}
@@ -82,4 +83,5 @@ def build_model(name: str, schema: Schema, **options: Any) -> nn.Module:
             raise ConfigError(
                 f"model {name!r} has no option {key!r}; its options are: {', '.join(sorted(allowed))}"
             )
+    check_model_options(name, options)  # every value in its declared range (models/options.py)
     return cls(schema=schema, **options)

@@ -1,4 +1,4 @@
-"""Behaviour (sequence) models: DIN and the DPO-armed DIN (paper §3.2, Tables 4-5; NOTES §5-6).
+"""Behaviour (sequence) models: DIN and the DPO-armed DIN (paper §3.2, Tables 4-5; docs/dpo_math.md, §'Sequence-based DPO' and §'Where the DPO sits').
 
 The behaviours come from the schema: every ``sequence`` field whose ``share_vocab`` names a
 categorical field is the history of that target (e.g. ``hist_item -> item_id``); its steps and
@@ -164,7 +164,7 @@ class DIN(nn.Module):
 class DINDPO(DIN):
     """DIN armed with the heterogeneous query-behaviour DPO in its attention unit (Table 5).
 
-    Paper §2.4/§3.2 (NOTES §5): the first layer of the attention MLP becomes ``W(q) x_i + b(q)``,
+    Paper §2.4/§3.2 (docs/dpo_math.md, §'Heterogeneous query-behaviour DPO'): the first layer of the attention MLP becomes ``W(q) x_i + b(q)``,
     its kernel generated from the target ``q`` (``generator`` lowrank = Eqn. 5, rank 4, or any of
     ``dpn_jax.dpo.GENERATORS``; ``heads``, ``num_kernels``) and applied to every behaviour before
     the scoring.  ``dpo_input="features"`` (default) applies it to DIN's ``[q, k_i, q−k_i,

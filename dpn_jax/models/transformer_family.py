@@ -92,7 +92,7 @@ class KFAtt(_InterestModel):
     (through the output projection), not to zeros: the paper's point for new interests.
 
     Options: ``frequency_capping`` True (KFAtt-freq, the paper's full model; False = KFAtt-base);
-    ``heads`` 2 (our choice, the same as ``bst``: neither the DPN paper nor its NOTES state the
+    ``heads`` 2 (our choice, the same as ``bst``: the DPN paper does not state the
     head count of KFAtt on Amazon).  Everything else as ``din``: tower
     (200, 80) with Dice, no BatchNorm, Dice momentum 0.9, embedding 10, ``attention_groups``
     joint."""
@@ -154,7 +154,7 @@ class BST(_InterestModel):
 
 @register("bst_dpo")
 class BSTDPO(BST):
-    """sDPN: the Transformer with sequence-based DPO (DPN paper §2.4, §3.2 Table 4; NOTES §5).
+    """sDPN: the Transformer with sequence-based DPO (DPN paper §2.4, §3.2 Table 4; docs/dpo_math.md, §'Sequence-based DPO').
 
     ``encoder``: ``mhsa`` (BST) | ``dpo`` (the homogeneous behaviour-behaviour DPO, a dynamic
     depthwise convolution, replaces the self-attention) | ``mhsa+dpo`` (default, sDPN: both as

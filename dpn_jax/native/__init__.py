@@ -127,7 +127,10 @@ def load(source: str, handlers: tuple[tuple[str, str], ...], option: str) -> cty
     return lib
 
 
-def cpu_only(option: str) -> str | None:
-    """Why ``option`` cannot run on this backend, or None on the CPU."""
-    backend = jax.default_backend()
-    return None if backend == "cpu" else f"{option} runs on the CPU backend only (this one is {backend})"
+def cpu_only(option: str, instead: str, backend: str | None = None) -> str | None:
+    """Why ``--set option`` cannot run on ``backend`` (default: this process's), or None on the
+    CPU; ``instead`` is the setting that runs everywhere."""
+    backend = backend or jax.default_backend()
+    if backend == "cpu":
+        return None
+    return f"--set {option} runs on the CPU only; this run's backend is {backend}: use {instead}"

@@ -1,7 +1,7 @@
 """AFN's logarithmic transformation layer (Cheng et al., AAAI 2020, Eqns. 3-6).
 
 A logarithmic neuron turns a product of powers of the field embeddings into a weighted sum of
-logs, so the order of each feature in a cross feature is a learned coefficient:
+logs, so the order of each feature in a cross feature is a learned coefficient::
 
     y_j = exp( sum_i w_ij ln|e_i| ) = prod_i |e_i| ** w_ij          (Eqns. 3-4, element-wise in d)
 

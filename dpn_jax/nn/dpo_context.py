@@ -10,7 +10,7 @@ from dpn_jax.nn.dpo_layers import FeatureDPO, _declare, normalise_context
 
 
 class FieldContextDPO(FeatureDPO):
-    """``e [B,F,d] -> [B,features]``: ``Σ_f W(e_{-f}) e_f + mean_f b(e_{-f})`` (NOTES §3,
+    """``e [B,F,d] -> [B,features]``: ``Σ_f W(e_{-f}) e_f + mean_f b(e_{-f})`` (docs/dpo_math.md, §'Feature-based DPO',
     context "other fields"); the generator options are ``FeatureDPO``'s.  With ``context_norm``
     the flattened embedding is normalised once and then each field's block is zeroed."""
 

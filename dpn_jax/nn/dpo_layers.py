@@ -1,4 +1,4 @@
-"""Flax Linen wrappers of the DPO (paper §2.2-2.3; NOTES §3-4).
+"""Flax Linen wrappers of the DPO (paper §2.2-2.3; docs/dpo_math.md, §'Feature-based DPO' and §'Field-based DPO').
 
 The modules only own parameters; every formula lives in the pure functions of :mod:`dpn_jax.dpo`.
 Each field of the generator's parameter NamedTuple becomes one Flax param (nested fields are joined
@@ -53,20 +53,17 @@ def normalise_context(z: Array, enabled: bool, param_dtype: Any = jnp.float32) -
 
 
 class FeatureDPO(nn.Module):
-    """Feature-based DPO ("DyMLP", NOTES §3): ``y = W(z) x + b(z)``, ``x [B,m], z [B,c] -> [B,features]``.
+    """Feature-based DPO ("DyMLP", docs/dpo_math.md, §'Feature-based DPO'): ``y = W(z) x + b(z)``, ``x [B,m], z [B,c] -> [B,features]``.
 
     ``generator``: one of ``dpn_jax.dpo.GENERATORS`` (``"lowrank"`` = Eqn. 5, the default;
     ``heads > 1`` makes it multi-head).  A fresh layer behaves like ``nn.Dense(features)``
     (static part LeCun-initialised, dynamic part ``dynamic_scale`` of it).
 
     ``context_norm``: ``z`` passes a LayerNorm (learned scale and shift) before the generator.
-    A context of fresh CTR embeddings (std 1e-4) generates ~1e-5 of the static output; normalised,
-    ~1e-2 (LayerNorm's epsilon 1e-6 caps a 1e-4 context at std ~0.1) and ``dynamic_scale`` of it
-    once the context is >~1e-2.  Default False: measured on ``dpn`` (3 seeds), the normalised
-    context LOST test AUC, 0.9322 vs 0.9368 on Frappe and 0.7926 vs 0.8024 on ``synthetic`` with
-    a planted context, and a fully normalising epsilon (1e-12) did no better (0.7931); the raw
-    context grows with the embeddings in training, and LayerNorm discards each instance's
-    embedding scale.  The field DPO needs it (``FieldDPO``, ``dpn_field``).
+    Default False: on ``dpn`` the normalised context lost test AUC (the raw context grows with the
+    embeddings in training; LayerNorm discards each instance's embedding scale), see
+    docs/results/feature_models.md, §'Measurements behind the DPN defaults'.  The field DPO needs
+    it (``FieldDPO``, ``dpn_field``).
     """
 
     features: int
@@ -100,7 +97,7 @@ class FeatureDPO(nn.Module):
 
 
 class FieldDPO(nn.Module):
-    """Field-based DPO (NOTES §4): ``x [B,F,d], z [B,F,c] (default x) -> [B,F,features or d]``.
+    """Field-based DPO (docs/dpo_math.md, §'Field-based DPO'): ``x [B,F,d], z [B,F,c] (default x) -> [B,F,features or d]``.
 
     ``aggregation``: ``"self"`` ``y_i = g(z_i)x_i``, ``"sum"`` ``Σ_j g(z_j)x_i`` (``exclude_self``
     drops ``j = i``), ``"attentive"`` ``Σ_j a_ij g(z_j)x_i`` (``a`` from ``scores`` if given, else a

@@ -32,6 +32,7 @@ from dpn_jax.nn.precision import bf16_matmul_with
 
 TARGET = "dpn_jax_bf16_gemm"
 OPTION = "matmul_dtype=bfloat16_mkl"
+PORTABLE = "matmul_dtype=bfloat16"  # the same products by XLA, on any backend
 
 
 def _mkl_candidates() -> list[str]:
@@ -45,8 +46,8 @@ def _mkl_candidates() -> list[str]:
 
 def _load_mkl() -> ctypes.CDLL:
     # MKL's OpenMP threads spin 200 ms after each product by default, taking the cores from
-    # XLA's own threads between the products: 10-20% of a DNN train step on 2 cores (measured:
-    # 77.9 vs 81-99 ms). Read when the OpenMP runtime starts, so set before loading MKL.
+    # XLA's own threads between the products (docs/results/speed.md, §'Where a train step goes').
+    # Read when the OpenMP runtime starts, so set before loading MKL.
     os.environ.setdefault("KMP_BLOCKTIME", "0")
     tried = _mkl_candidates()
     for path in tried:
@@ -70,7 +71,7 @@ def load() -> None:
 
 def unavailable_reason() -> str | None:
     """None when the MKL products can run here, else why not."""
-    reason = native.cpu_only(OPTION)
+    reason = native.cpu_only(OPTION, PORTABLE)
     if reason:
         return reason
     try:

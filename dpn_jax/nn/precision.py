@@ -5,9 +5,10 @@ matrix products of a Dense layer (forward ``x W``, input gradient ``g Wᵀ``, we
 ``xᵀ g``) read bfloat16 copies of their operands and accumulate in float32 (a custom VJP, so the
 backward products are bfloat16 too, as PyTorch's autocast does).
 
-Why the weight gradient reads a row-major ``xᵀ`` (``with_layout_constraint``): XLA folds a
-transpose into the dot's dimension numbers, and XLA:CPU's YNNPACK dots then take a slow path on
-the batch-contracting product (``experiments/step_anatomy.py``). The bfloat16 products are fast
+Why the weight gradient reads a row-major ``xᵀ`` on the CPU (``with_layout_constraint``): XLA
+folds a transpose into the dot's dimension numbers, and XLA:CPU's YNNPACK dots then take a slow
+path on the batch-contracting product (``experiments/step_anatomy.py``). Other platforms get the
+plain transpose (:func:`row_major_transpose`). The bfloat16 products are fast
 where the hardware has them: GPUs, TPUs, and CPUs with AMX when XLA's YNNPACK dots are on
 (``DPN_JAX_XLA_DEFAULTS=0``; dpn_jax/xla_flags.py turns them off for float32 by default).
 XLA:CPU does not use AMX tiles; ``matmul_dtype="bfloat16_mkl"`` has MKL compute the same
@@ -28,9 +29,17 @@ from dpn_jax.errors import ConfigError
 MATMUL_DTYPES = ("float32", "bfloat16", "bfloat16_mkl")
 
 
+def _row_major(xt: jax.Array) -> jax.Array:
+    return with_layout_constraint(xt, Layout(major_to_minor=(0, 1)))
+
+
 def row_major_transpose(x: jax.Array) -> jax.Array:
-    """``xᵀ`` of a 2-D array, stored row-major (not folded into the consuming dot)."""
-    return with_layout_constraint(jnp.asarray(x).T, Layout(major_to_minor=(0, 1)))
+    """``xᵀ`` of a 2-D array; on the CPU stored row-major (not folded into the consuming dot).
+
+    The constraint is a CPU remedy and its ``LayoutConstraint`` custom call cannot be exported:
+    ``platform_dependent`` keeps it in programs lowered for the CPU only, so a train step lowered
+    for a GPU or TPU holds the plain transpose (same values) and lowers there."""
+    return jax.lax.platform_dependent(jnp.asarray(x).T, cpu=_row_major, default=lambda xt: xt)
 
 
 def bf16_matmul_with(dot: Callable[..., jax.Array]) -> Callable[[jax.Array, jax.Array], jax.Array]:

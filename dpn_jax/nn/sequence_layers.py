@@ -1,5 +1,5 @@
 """Flax Linen layers of behaviour (sequence) modelling: Dice, PReLU, DIN attention and the
-sequence DPO (paper §2.4; NOTES §5).
+sequence DPO (paper §2.4; docs/dpo_math.md, §'Sequence-based DPO').
 
 Every layer takes a validity ``mask [B,L]`` (True = a real step) and is padding invariant: values
 at padded steps, or extra padded steps, never change an output (padded outputs are zero).  The
@@ -38,7 +38,7 @@ class Dice(nn.Module):
     in a scale- and shift-free ``BatchNorm`` named ``bn`` (so ``bn_recalibrate`` re-estimates
     them like any other BatchNorm).  ``α`` starts at 0 (DIN's code, DeepCTR, FuxiCTR).
     ``momentum`` uses Flax's convention (0.9 = PyTorch's 0.1, FuxiCTR's Dice; DIN's TF code and
-    DeepCTR use 0.99, NOTES §8).  ``epsilon`` 1e-8 (DeepCTR; DIN's code: 1e-9).
+    DeepCTR use 0.99, docs/results/protocol.md, §'BatchNorm statistics').  ``epsilon`` 1e-8 (DeepCTR; DIN's code: 1e-9).
     """
 
     momentum: float = 0.9
@@ -91,7 +91,7 @@ class Activation(nn.Module):
 
 
 class QueryBehaviourDPO(nn.Module):
-    """Heterogeneous query-behaviour DPO (NOTES §5): ``y_i = m_i (W(q) x_i + b(q))``.
+    """Heterogeneous query-behaviour DPO (docs/dpo_math.md, §'Heterogeneous query-behaviour DPO'): ``y_i = m_i (W(q) x_i + b(q))``.
 
     ``x [B,L,m], q [B,c], mask [B,L] -> [B,L,features]``; one kernel per instance, generated from
     the query by a :mod:`dpn_jax.dpo.generate` family (``"lowrank"``, Eqn. 5, by default) and
@@ -100,10 +100,8 @@ class QueryBehaviourDPO(nn.Module):
 
     ``context_norm`` (default True): the query passes a LayerNorm (learned scale and shift) before
     the generator.  The generators' initialisation assumes a unit-scale context, while a query
-    made of fresh CTR embeddings (std 1e-4) leaves the generated part ~1e-5 of the static one:
-    measured, DIN-DPO then trained to the same test AUC and logloss as DIN to 4 decimals on
-    amazon_instruments -- the DPO was dead.  Normalised, it starts ~1e3 times larger (LayerNorm's
-    epsilon 1e-6 caps a 1e-4 query at std ~0.1) and reaches ``dynamic_scale`` as the embeddings grow.
+    made of fresh CTR embeddings (std 1e-4) leaves the generated part ~1e-5 of the static one
+    (docs/results/behaviour_models.md, §'Why the query is normalised before the generator').
     """
 
     features: int
@@ -156,7 +154,7 @@ class DINFeaturesDense(nn.Module):
 
 
 class DynamicConv(nn.Module):
-    """Homogeneous behaviour-behaviour DPO, a dynamic depthwise convolution (NOTES §5; formulas in
+    """Homogeneous behaviour-behaviour DPO, a dynamic depthwise convolution (docs/dpo_math.md, §'Homogeneous behaviour-behaviour DPO'; formulas in
     :mod:`dpn_jax.dpo.sequence`): ``x [B,L,d], mask [B,L] -> [B,L,d]``.
 
     ``kernel_size`` odd (centred window, default 3); ``heads`` kernels per step (0 = one per
@@ -196,7 +194,7 @@ class DINAttention(nn.Module):
     ``hidden`` (80, 40) with ``act`` sigmoid: DIN's public code; ``"dice"`` uses statistics
     over the valid steps only.  The output unit is linear.  An empty history pools to zeros.
 
-    ``dpo=True`` is the DPO-armed unit of the paper (§3.2, Table 5, NOTES §5): the FIRST layer of
+    ``dpo=True`` is the DPO-armed unit of the paper (§3.2, Table 5; docs/dpo_math.md, §'Heterogeneous query-behaviour DPO'): the FIRST layer of
     the attention MLP becomes the heterogeneous query-behaviour DPO ``W(q) x_i + b(q)``, with
     ``x_i`` the DIN features (``dpo_input="features"``, default: its static kernel is exactly
     DIN's first Dense layer, so at init the unit is DIN's plus a small query-generated part) or

@@ -3,8 +3,9 @@
 This module imports neither the model code (Flax, the registry) nor the data layer (pyarrow,
 YAML): a serving process loads the StableHLO program written by ``dpn-jax export`` and the
 encoding tables beside it, and nothing else. The raw-row encoding below re-implements
-:meth:`dpn_jax.data.encode.FittedEncoders.transform` in plain numpy; tests check that both give
-the same arrays and the same scores.
+:meth:`dpn_jax.data.encode.FittedEncoders.transform` in plain numpy (numeric buckets share
+:func:`dpn_jax.buckets.bucketize` with it); tests check that both give the same arrays and the
+same scores.
 
 Directory layout (written by :mod:`dpn_jax.serving.export`)::
 
@@ -23,6 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from dpn_jax.buckets import bucketize
 from dpn_jax.errors import DataError, DpnError
 
 EXPORT_FORMAT = "dpn-jax-export"
@@ -115,9 +117,7 @@ class RawEncoder:
                 out["num"][:, info["column"]] = np.where(np.isfinite(z), z, 0.0)
             elif f["kind"] == "cat":
                 if f["edges"] is not None:
-                    x, edges = _floats(col, f["column"]), f["edges"]
-                    local = FIRST + np.searchsorted(np.asarray(edges[1:-1], np.float64), x, "right")
-                    local = np.where(np.isfinite(x) & (len(edges) > 0), local, OOV)
+                    local = bucketize(_floats(col, f["column"]), f["edges"], first=FIRST, missing=OOV)
                 else:
                     index = self._vocab_index(f["name"])
                     local = np.array([index.get(_text(v), OOV) for v in _iter(col)], np.int64)

@@ -2,7 +2,7 @@
 
 With batch 4096 an epoch of a small dataset is ~13 steps, and exponential running averages
 still carry their initial values (variance 1) when the model is evaluated, mis-scaling every
-prediction (NOTES.md §8). Before each evaluation we replace them with the average of per-batch
+prediction (docs/results/protocol.md, §'BatchNorm statistics'). Before each evaluation we replace them with the average of per-batch
 statistics over up to K training batches (Wu & Johnson, "Rethinking BatchNorm", 2021).
 
 Flax's BatchNorm only exposes ``new = m * running + (1 - m) * batch``. Running the model once

@@ -3,7 +3,7 @@
 A row's *training count* for a field is how many TRAINING rows carry the same value (global id)
 of that field. Rows are grouped into buckets of that count (default ``0,1-5,6-20,21-50,51+``;
 ``0`` = never seen in train, or mapped to the field's OOV id) and each bucket gets its own AUC
-and logloss, computed with the project's exact metrics (:mod:`dpn_jax.train.metrics`).
+and logloss, computed with the project's exact metrics (:mod:`dpn_jax.train.metrics`)::
 
     counts  = training_counts(train["cat"][:, col], test["cat"][:, col], oov_id=f.oov_id)
     rows    = evaluate_by_frequency(logits, test["label"], counts, parse_buckets("0,1-5,6+"),

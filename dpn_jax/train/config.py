@@ -9,6 +9,13 @@ from typing import Any
 import yaml
 
 from dpn_jax.errors import ConfigError
+from dpn_jax.options import check, check_fields, option
+
+# The choices of the string options (the modules that act on them check against these).
+OPTIMIZERS = ("adam", "lazy_adam")
+LAZY_ADAM_KERNELS = ("xla", "native")
+MONITORS = ("auc", "auc-logloss")
+NONFINITE_MODES = ("stop", "skip")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,65 +23,71 @@ class TrainConfig:
     """Optimisation protocol. Defaults: Adam 1e-3, batch 4096, early stopping on validation AUC
     with patience 2 (AFN, AAAI 2020; BARS)."""
 
-    lr: float = 1e-3
+    lr: float = option(1e-3, gt=0)
     # "adam" (dense, every parameter every step) or "lazy_adam" (embedding rows of the batch
     # only, as production CTR systems do; dpn_jax.train.lazy_adam).
-    optimizer: str = "adam"
+    optimizer: str = option("adam", choices=OPTIMIZERS)
     # lazy_adam's row update: "xla" (gathers and scatters in the graph) or "native" (one C++ pass
     # over the rows, in place; CPU only, needs a C++ compiler: dpn_jax/native/sparse_adam.cc).
-    lazy_adam_kernel: str = "xla"
-    batch_size: int = 4096
-    eval_batch_size: int = 16384
-    max_epochs: int = 100
-    patience: int = 2
+    lazy_adam_kernel: str = option("xla", choices=LAZY_ADAM_KERNELS)
+    batch_size: int = option(4096, ge=1)
+    eval_batch_size: int = option(16384, ge=1)
+    max_epochs: int = option(100, ge=1)
+    patience: int = option(2, ge=0)
     # Train at least this many epochs: before that no early stop and no learning-rate cut, for
     # models that leave a flat start slowly on a small log (a dozen steps per epoch).
-    min_epochs: int = 0
+    min_epochs: int = option(0, ge=0)
     # Early-stopping score on validation: "auc" or "auc-logloss" (FuxiCTR's default monitor,
     # which stops earlier when the model grows over-confident).
-    monitor: str = "auc"
-    embedding_l2: float = 0.0  # coefficient of sum(E**2) over embedding tables (FuxiCTR's embedding_regularizer)
-    net_l2: float = 0.0  # coefficient of sum(W**2) over dense kernels (FuxiCTR's net_regularizer)
-    grad_clip: float = 0.0  # global-norm clipping; 0 = off
-    reduce_lr_factor: float = 0.0  # multiply lr by this on a non-improving epoch; 0 = off
-    min_lr: float = 1e-6
+    monitor: str = option("auc", choices=MONITORS)
+    # coefficient of sum(E**2) over embedding tables (FuxiCTR's embedding_regularizer)
+    embedding_l2: float = option(0.0, ge=0)
+    net_l2: float = option(0.0, ge=0)  # coefficient of sum(W**2) over dense kernels (FuxiCTR's net_regularizer)
+    grad_clip: float = option(0.0, ge=0)  # global-norm clipping; 0 = off
+    # multiply lr by this on a non-improving epoch; 0 = off (1 would never cut)
+    reduce_lr_factor: float = option(0.0, ge=0, lt=1)
+    min_lr: float = option(1e-6, ge=0)
     # Re-estimate BatchNorm statistics from training batches before each evaluation: with
-    # ~13 steps per epoch, running averages still remember their initial values (NOTES §8).
-    bn_recalibrate: bool = True
-    bn_recalibrate_batches: int = 32
-    seed: int = 2021
+    # ~13 steps per epoch, running averages still remember their initial values
+    # (docs/results/protocol.md, §'BatchNorm statistics').
+    bn_recalibrate: bool = option(True)
+    bn_recalibrate_batches: int = option(32, ge=1)
+    seed: int = option(2021, ge=0)
     # With a checkpoint directory (``fit(checkpoint_dir=...)``, ``--checkpoint-dir``) a checkpoint
     # is written after every epoch and, when > 0, also every this many batches.
-    checkpoint_every_steps: int = 0
+    checkpoint_every_steps: int = option(0, ge=0)
     # A non-finite loss: "stop" raises NonFiniteLoss (the last checkpoint stays good); "skip"
     # drops each step whose loss or gradients are non-finite, leaving the state unchanged.
-    on_nonfinite: str = "stop"
+    on_nonfinite: str = option("stop", choices=NONFINITE_MODES)
+
+    def __post_init__(self) -> None:
+        check_fields(self)  # one line naming the option, its value and its range
 
     def replace(self, **kw: Any) -> TrainConfig:
         return dataclasses.replace(self, **kw)
 
 
-def parse_value(text: str, default: Any, key: str) -> Any:
+def parse_value(text: str, default: Any, key: str, flag: str = "--set") -> Any:
     """Parse a ``--set`` value to the type of ``default``: ``400,400`` for tuples, YAML otherwise."""
     if isinstance(default, (tuple, list)):
         parts = [p for p in text.replace("-", ",").replace("[", "").replace("]", "").split(",") if p]
         try:
             return tuple(type(default[0])(p) if default else int(p) for p in parts)
         except ValueError:
-            raise ConfigError(f"--set {key}={text}: expected a comma-separated list like 400,400,400") from None
+            raise ConfigError(f"{flag} {key}={text}: expected a comma-separated list like 400,400,400") from None
     try:  # YAML 1.1 reads "3e-4" as a string; numbers first
         value = int(text) if text.strip().lstrip("+-").isdigit() else float(text)
     except ValueError:
         value = yaml.safe_load(text)
     if isinstance(default, bool):
         if not isinstance(value, bool):
-            raise ConfigError(f"--set {key}={text}: expected true or false")
+            raise ConfigError(f"{flag} {key}={text}: expected true or false")
         return value
     if isinstance(default, (int, float)) and not isinstance(default, bool):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"--set {key}={text}: expected a number")
+            raise ConfigError(f"{flag} {key}={text}: expected a number")
         if isinstance(default, int) and float(value) != int(value):
-            raise ConfigError(f"--set {key}={text}: expected an integer")
+            raise ConfigError(f"{flag} {key}={text}: expected an integer")
         return type(default)(value)
     if default is None:
         return value
@@ -84,10 +97,14 @@ def parse_value(text: str, default: Any, key: str) -> Any:
 
 
 def split_overrides(
-    sets: list[str], model_opts: dict[str, Any], model_name: str
+    sets: list[str], model_opts: dict[str, Any], model_name: str, flag: str = "--set"
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``["lr=3e-4", "dropout=0.2"]`` -> (train overrides, model overrides), typed and validated."""
-    train_defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    """``["lr=3e-4", "dropout=0.2"]`` -> (train overrides, model overrides), typed and checked
+    against each option's declared range (errors name ``flag``, the key and the value)."""
+    from dpn_jax.models.options import check_model_option
+
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    train_defaults = {name: f.default for name, f in fields.items()}
     train_kw: dict[str, Any] = {}
     model_kw: dict[str, Any] = {}
     for item in sets:
@@ -95,15 +112,17 @@ def split_overrides(
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set lr=3e-4")
         key, text = (s.strip() for s in item.split("=", 1))
         if key in train_defaults:
-            train_kw[key] = parse_value(text, train_defaults[key], key)
+            train_kw[key] = parse_value(text, train_defaults[key], key, flag)
+            check(key, train_kw[key], fields[key].metadata["range"], f"{flag} ", text)
         elif key in model_opts:
-            model_kw[key] = parse_value(text, model_opts[key], key)
+            model_kw[key] = parse_value(text, model_opts[key], key, flag)
+            check_model_option(key, model_kw[key], f"{flag} ", text)
         else:
             allowed = sorted(train_defaults) + sorted(model_opts)
             close = difflib.get_close_matches(key, allowed, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(
-                f"--set {key}: unknown key{hint}. Training keys: {', '.join(sorted(train_defaults))}; "
+                f"{flag} {key}: unknown key{hint}. Training keys: {', '.join(sorted(train_defaults))}; "
                 f"model {model_name!r} keys: {', '.join(sorted(model_opts)) or '(none)'}"
             )
     return train_kw, model_kw

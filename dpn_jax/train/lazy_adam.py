@@ -43,6 +43,7 @@ from dpn_jax.nn.embedding import ROWS_PREFIX
 TABLE = "table"  # FieldEmbedding's table parameter
 KERNELS = ("xla", "native")
 NATIVE_OPTION = "lazy_adam_kernel=native"
+PORTABLE_OPTION = "lazy_adam_kernel=xla"
 NATIVE_TARGET = "dpn_jax_sparse_adam"
 
 
@@ -89,7 +90,7 @@ class LazyAdam:
         if kernel not in KERNELS:
             raise ConfigError(f"--set lazy_adam_kernel={kernel}: choose one of {', '.join(KERNELS)}")
         if kernel == "native":
-            reason = native.cpu_only(NATIVE_OPTION)
+            reason = native.cpu_only(NATIVE_OPTION, PORTABLE_OPTION)
             if reason:
                 raise ConfigError(reason)
             _load_native()
