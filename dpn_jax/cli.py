@@ -31,7 +31,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a training or model option, e.g. --set lr=3e-4 --set dropout=0.2")
     t.add_argument("--out", default=None,
-                   help="write the model bundle here (results.json, parameters, encoders; see `predict`)")
+                   help="write the model bundle here (results.json, parameters, encoders; see `predict`); "
+                        "an existing OUT must hold this same run's earlier bundle (see --overwrite)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="let --out replace a folder that is not this run's bundle (another run's "
+                        "bundle, or a folder of other files: its results.json, model.json, ... are replaced)")
     t.add_argument("--checkpoint-dir", default=None,
                    help="write checkpoints here after every epoch (default: OUT/checkpoints with --out)")
     t.add_argument("--resume", action="store_true",
@@ -74,7 +78,8 @@ def _cmd_train(args) -> int:
                         data_dir=args.data_dir, cache_dir=args.cache_dir,
                         progress=False if args.no_progress else None,
                         checkpoint_dir=args.checkpoint_dir, resume=args.resume, mesh=args.mesh,
-                        out_of_core=args.out_of_core, memory_budget_mb=args.memory_budget_mb)
+                        out_of_core=args.out_of_core, memory_budget_mb=args.memory_budget_mb,
+                        overwrite=args.overwrite)
     print(json.dumps({k: results[k] for k in RESULT_KEYS if k in results}), flush=True)
     return 0
 
@@ -200,10 +205,11 @@ def _bench_command() -> str:
 
 def _write_out(out: str, markdown: str, record: dict) -> None:
     """``OUT.md`` and ``OUT.json`` (suffixes appended: ``OUT`` may hold a dot, as in ``lr1e-3.5``)."""
+    from dpn_jax.atomic import write_text
+
     out_path = Path(out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{out_path}.md").write_text(markdown)
-    Path(f"{out_path}.json").write_text(json.dumps(record, indent=1, default=str))
+    write_text(f"{out_path}.md", markdown)
+    write_text(f"{out_path}.json", json.dumps(record, indent=1, default=str))
     print(f"wrote {out_path}.md and {out_path}.json", file=sys.stderr)
 
 

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from dpn_jax.atomic import write_text
 from dpn_jax.data import load_dataset
 from dpn_jax.data.encode import bucket_notes
 from dpn_jax.errors import ConfigError
@@ -176,15 +177,13 @@ def run_sweep(model: str, data, *, seeds: Sequence[int], grid: dict[str, list[st
             }))
         replicas += group_rows
         if saved is not None:
-            tmp = saved.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"replicas": group_rows}, indent=1))
-            tmp.replace(saved)
+            write_text(saved, json.dumps({"replicas": group_rows}, indent=1))
             shutil.rmtree(ckpt_dir, ignore_errors=True)  # the group's results are kept: its checkpoints are not needed
     summary = summarise(model, data, confs, replicas, command=command)
     if out is not None:
-        (out / "sweep.md").write_text(summary["markdown"])
-        (out / "sweep.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "markdown"},
-                                                   indent=1))
+        write_text(out / "sweep.md", summary["markdown"])
+        write_text(out / "sweep.json", json.dumps({k: v for k, v in summary.items() if k != "markdown"},
+                                                  indent=1))
         log(f"wrote {out}/sweep.md and sweep.json")
     return summary
 

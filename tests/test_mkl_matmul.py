@@ -3,6 +3,8 @@ against the XLA bfloat16 product, and the errors when MKL or a compiler is missi
 
 from __future__ import annotations
 
+import os
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -112,4 +114,4 @@ def test_native_build_falls_back_to_tmp_when_the_cache_is_read_only(monkeypatch,
     if native.shutil.which("g++") is None and native.shutil.which("c++") is None:
         pytest.skip("no C++ compiler")
     out = native.build("sparse_adam.cc", "test")
-    assert out.parent == tmp_path / "tmp" / "dpn_jax_ffi" and out.exists()
+    assert out.parent == tmp_path / "tmp" / f"dpn_jax_ffi-{os.getuid()}" and out.exists()  # per user

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
+from dpn_jax.atomic import atomic_path, write_text
 from dpn_jax.errors import ConfigError, DataError
 from dpn_jax.train.metrics import auc, logloss, logloss_from_logits
 
@@ -322,8 +323,8 @@ def plot_auc_by_bucket(per_model: Mapping[str, Sequence[Any]], path: str | Path,
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
     return path
 
@@ -473,10 +474,9 @@ def write_report(report: Mapping[str, Any], out: str | Path,
     d = Path(out)
     d.mkdir(parents=True, exist_ok=True)
     written = [d / "by_frequency.md", d / "by_frequency.json"]
-    written[0].write_text(report["markdown"], encoding="utf-8")
+    write_text(written[0], report["markdown"])
     skip = ("markdown", "logits", "labels", "counts", "ids")
-    written[1].write_text(json.dumps({k: v for k, v in report.items() if k not in skip}, indent=1),
-                          encoding="utf-8")
+    write_text(written[1], json.dumps({k: v for k, v in report.items() if k not in skip}, indent=1))
     png = plot_auc_by_bucket({report["model"]: report["rows"]}, d / "by_frequency.png",
                              title=f"{report['model']} on {report['dataset']}: AUC by train count of "
                                    f"{report['field']}", log=log, field=report["field"])
