@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from seq_fixtures import DIEN_SMALL, seq_schema
+from seq_fixtures import DIEN_SMALL, make_split, seq_schema
 from test_cli import run_cli
 from test_serving_data import trained_bundle
 
@@ -221,6 +221,23 @@ def test_knockout_changes_only_the_dpo_layers_generated_part():
     assert changed == {"dpo_0/kernel"}  # dpn's DPO has no bias under BatchNorm
     np.testing.assert_array_equal(ko["dpo_0"]["kernel"][:, 0], params["dpo_0"]["kernel"][:, 0])
     assert not np.any(ko["dpo_0"]["kernel"][:, 1:])
+
+
+def test_knockout_of_a_sequence_model_changes_its_nested_dpo_layers_only():
+    seq = seq_schema()
+    model = build_model("bst_dpo", seq, embedding_dim=4, hidden=(8,))
+    batch = {k: v[:4] for k, v in make_split(8, 0).items() if k != "label"}
+    variables = model.init(jax.random.key(0), batch)
+    params = variables["params"]
+    ko = knockout_params(model, params)
+    flat, flat_ko = (dict(jax.tree_util.tree_flatten_with_path(t)[0]) for t in (params, ko))
+    changed = {"/".join(k.key for k in path) for path in flat
+               if not np.array_equal(flat[path], flat_ko[path])}
+    conv, value = "transformer_0/encoder/block_0/dynamic_conv", "transformer_0/decoder/value_dpo"
+    # value_dpo's bias rows 1: start at zero: unchanged by zeroing them
+    assert changed == {f"{conv}/local_proj", f"{conv}/global_proj", f"{value}/kernel"}
+    assert not np.any(ko["transformer_0"]["encoder"]["block_0"]["dynamic_conv"]["global_proj"])
+    assert np.all(np.isfinite(model.apply({**variables, "params": ko}, batch)))
 
 
 @pytest.mark.parametrize("generator", ["lowrank", "mixture"])
