@@ -255,10 +255,16 @@ def _cmd_sweep(args) -> int:
 
 def _add_evaluate_parser(sub) -> None:
     v = sub.add_parser("evaluate", help="score a bundle on its data's test split: AUC per frequency "
-                                        "bucket of a field (--by-frequency; paper Table 3)")
+                                        "bucket of a field (--by-frequency; paper Table 3), or "
+                                        "with the DPO's dynamic part knocked out (--knockout dpo)")
     v.add_argument("bundle", help="a bundle directory written by `train --out`")
-    v.add_argument("--by-frequency", required=True, metavar="FIELD",
-                   help="a categorical field: rows are bucketed by how often their value occurs in train")
+    what = v.add_mutually_exclusive_group(required=True)
+    what.add_argument("--by-frequency", metavar="FIELD",
+                      help="a categorical field: rows are bucketed by how often their value occurs in train")
+    what.add_argument("--knockout", choices=["dpo"],
+                      help="dpo: rescore with every DPO layer reduced to its static part (its generated "
+                           "weights zeroed); prints AUC/logloss with and without, the mean |Δ logit| "
+                           "and each DPO layer's dynamic share")
     v.add_argument("--buckets", default=None, metavar="SPEC",
                    help="training-count buckets, e.g. 0,1-5,6-20,21+ (default 0,1-5,6-20,21-50,51+; "
                         "0 = unseen in train or OOV)")
@@ -267,7 +273,8 @@ def _add_evaluate_parser(sub) -> None:
                    help="a built-in name or a dataset spec (.yaml) (default: the bundle's own data)")
     v.add_argument("--data-dir", default=None, help="where built-in datasets live")
     v.add_argument("--cache-dir", default=None, help="encoded-split cache")
-    v.add_argument("--out", default=None, help="write by_frequency.md, .json and .png here")
+    v.add_argument("--out", default=None,
+                   help="write by_frequency.md, .json and .png (knockout.md, .json) here")
 
 
 def _cmd_evaluate(args) -> int:
@@ -287,6 +294,30 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def _cmd_knockout(args) -> int:
+    import shlex
+
+    from dpn_jax.analysis.knockout import knockout_report, render_report, write_report
+    from dpn_jax.errors import ConfigError
+
+    if args.buckets is not None:
+        raise ConfigError("--buckets applies to --by-frequency only, not to --knockout")
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    report = knockout_report(args.bundle, args.split, args.knockout, data=args.data,
+                             data_dir=args.data_dir, cache_dir=args.cache_dir, log=log)
+    if sys.argv[1:2] == ["evaluate"]:
+        report["markdown"] = render_report(report, "dpn-jax " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    print(report["markdown"], flush=True)
+    if args.out:
+        for path in write_report(report, args.out):
+            log(f"wrote {path}")
+    return 0
+
+
+def _cmd_evaluate_any(args) -> int:
+    return _cmd_knockout(args) if args.knockout else _cmd_evaluate(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from dpn_jax.train import xla_cache
@@ -295,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         xla_cache.enable(Path(args.cache_dir) / "xla" if getattr(args, "cache_dir", None) else None)
     try:
         return {"train": _cmd_train, "models": _cmd_models, **SERVING_COMMANDS,
-                "sweep": _cmd_sweep, "data": cmd_data, "evaluate": _cmd_evaluate}[args.command](args)
+                "sweep": _cmd_sweep, "data": cmd_data, "evaluate": _cmd_evaluate_any}[args.command](args)
     except DpnError as err:
         print(f"dpn-jax: error: {err}", file=sys.stderr)
         return 2
