@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dpn_jax import atomic
 from dpn_jax.data import padded_batches
 from dpn_jax.data.schema import empty_arrays
 from dpn_jax.dpo.static import PARAMS_TYPES, generator_family, static_part
@@ -338,7 +339,6 @@ def write_report(report: Mapping[str, Any], out: str | Path) -> list[Path]:
     d = Path(out)
     d.mkdir(parents=True, exist_ok=True)
     md, js = d / "knockout.md", d / "knockout.json"
-    md.write_text(report["markdown"], encoding="utf-8")
-    js.write_text(json.dumps({k: v for k, v in report.items() if k != "markdown"}, indent=1),
-                  encoding="utf-8")
+    atomic.write_text(md, report["markdown"])
+    atomic.write_text(js, json.dumps({k: v for k, v in report.items() if k != "markdown"}, indent=1))
     return [md, js]
