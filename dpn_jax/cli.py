@@ -267,7 +267,7 @@ def _add_evaluate_parser(sub) -> None:
 def _cmd_evaluate(args) -> int:
     import shlex
 
-    from dpn_jax.train.by_frequency import evaluate_bundle, render_report, write_report
+    from dpn_jax.analysis.evaluate import evaluate_bundle, render_report, write_report
 
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     report = evaluate_bundle(args.bundle, args.by_frequency, data=args.data, data_dir=args.data_dir,

@@ -484,9 +484,9 @@ def test_din_without_behaviours_is_a_tower():
 
 
 def test_training_reduces_the_loss():
+    from dpn_jax.metrics import logloss_from_logits
     from dpn_jax.train.config import TrainConfig
     from dpn_jax.train.loop import fit
-    from dpn_jax.train.metrics import logloss_from_logits
 
     data = tiny_dataset()
     model = build_model("din", data.schema, embedding_dim=8, hidden=(32, 16),

@@ -17,8 +17,8 @@ from test_serving_data import eval_scores, read_raw, trained_bundle
 import dpn_jax
 from dpn_jax.data.schema import OOV
 from dpn_jax.errors import DpnError
+from dpn_jax.metrics import auc, logloss_from_logits
 from dpn_jax.serving.bundle import BUNDLE_FORMAT_VERSION, BundleError, write_bundle
-from dpn_jax.train.metrics import auc, logloss_from_logits
 
 TOL = dict(rtol=1e-5, atol=1e-6)
 

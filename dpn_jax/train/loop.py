@@ -25,11 +25,11 @@ from jax.sharding import Mesh
 from dpn_jax.data import padded_batches
 from dpn_jax.data.schema import Dataset, Split, split_len
 from dpn_jax.errors import ConfigError, DpnError
+from dpn_jax.metrics import auc, logloss_from_logits
 from dpn_jax.train import batchnorm
 from dpn_jax.train.checkpoint import Checkpoints, all_finite, describe, run_defaults, run_metadata
 from dpn_jax.train.config import TrainConfig
 from dpn_jax.train.early_stopping import EarlyStopping
-from dpn_jax.train.metrics import auc, logloss_from_logits
 from dpn_jax.train.progress import EpochProgress
 from dpn_jax.train.sharding import Layout
 from dpn_jax.train.state import (

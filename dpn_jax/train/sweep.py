@@ -38,11 +38,11 @@ import numpy as np
 from dpn_jax.data import batches, padded_batches
 from dpn_jax.data.schema import Dataset, Split, split_len
 from dpn_jax.errors import ConfigError, DpnError
+from dpn_jax.metrics import auc, logloss_from_logits
 from dpn_jax.train import batchnorm, sweep_checkpoint
 from dpn_jax.train.config import TrainConfig
 from dpn_jax.train.early_stopping import EarlyStopping
 from dpn_jax.train.loop import FitResult, _first_rows, monitor_score
-from dpn_jax.train.metrics import auc, logloss_from_logits
 from dpn_jax.train.progress import EpochProgress
 from dpn_jax.train.state import (
     REGULARIZERS,
