@@ -163,11 +163,11 @@ def _cmd_bench(args) -> int:
     except ValueError:
         raise ConfigError(f"--batches {args.batches!r}: expected comma-separated integers like 1,16,256") from None
     if args.latency:
-        from dpn_jax.benchmark.harness import machine
-        from dpn_jax.serving.latency import bench_latency, device_name, format_table
+        from dpn_jax.benchmark.harness import machine, run_latency
+        from dpn_jax.serving.latency import device_name, format_table
 
         requests = args.requests or 300
-        rows = bench_latency(_csv(args.models, "dnn,dpn"), batches, requests, args.bundle, log=log)
+        rows = run_latency(_csv(args.models, "dnn,dpn"), batches, requests, args.bundle, log=log)
         text = f"latency per request on {device_name()}, {requests} requests per cell\n{format_table(rows)}"
         print(text)
         if args.out:

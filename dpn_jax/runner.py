@@ -1,4 +1,4 @@
-"""``run_train``: the one function behind ``dpn-jax train`` (also ``dpn_jax.train(...)``)."""
+"""``run_train``: the one function behind ``dpn-jax train`` (also ``dpn_jax.train_model(...)``)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from flax import serialization
 
-import dpn_jax
+from dpn_jax._version import __version__
 from dpn_jax.data import load_dataset
 from dpn_jax.errors import ConfigError
 from dpn_jax.models import build_model, model_options
@@ -43,7 +43,7 @@ def _jsonable(x: Any) -> Any:
 def versions() -> dict[str, str]:
     import optax
 
-    return {"dpn_jax": dpn_jax.__version__, "jax": jax.__version__, "flax": flax.__version__,
+    return {"dpn_jax": __version__, "jax": jax.__version__, "flax": flax.__version__,
             "optax": optax.__version__, "numpy": np.__version__, "python": platform.python_version(),
             "backend": jax.default_backend()}
 

@@ -196,8 +196,8 @@ def test_synthetic_bundle_takes_value_indices_or_encoded_arrays(tmp_path: Path, 
 def test_an_option_a_bundle_predates_gets_its_legacy_value() -> None:
     """dpn_field bundles saved before ``context_norm`` existed had no context LayerNorm: they
     rebuild without one (and load); a bundle that records the option keeps its value."""
+    from dpn_jax.benchmark.schemas import frappe_like_schema
     from dpn_jax.models import legacy_options, model_options
-    from dpn_jax.serving.latency import frappe_like_schema
     from dpn_jax.serving.predictor import rebuild_model
 
     schema = frappe_like_schema()
