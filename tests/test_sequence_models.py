@@ -33,7 +33,8 @@ from dpn_jax.dpo import sequence as sq
 from dpn_jax.errors import ConfigError
 from dpn_jax.models import build_model, model_options
 from dpn_jax.models.sequence_family import attention_groups, behaviour_pairs
-from dpn_jax.nn.sequence_layers import Dice, DINAttention, DynamicConv, QueryBehaviourDPO
+from dpn_jax.nn.activations import Dice
+from dpn_jax.nn.sequence_layers import DINAttention, DynamicConv, QueryBehaviourDPO
 
 # ---------------------------------------------------------------------------------------------
 # homogeneous DPO: dynamic depthwise convolution
