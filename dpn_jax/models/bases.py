@@ -1,7 +1,9 @@
 """Option sets that several models share, as base classes, and the towers they describe.
 
-A model's options are its dataclass fields, base classes' first (``dpn-jax models`` lists them in
-that order), so a base holds a model family's leading options: the embedding size and the tower.
+A model's options are its dataclass fields in dataclass order (``dpn-jax models`` lists them so):
+the bases' fields from the last base listed to the first, then the class's own. So a base that
+holds a family's trailing options (the tower's) is listed first: ``class DCN(ProtocolTower,
+CrossNetModel)`` has CrossNet's options, then the tower's, then its own.
 """
 
 from __future__ import annotations
@@ -16,11 +18,10 @@ from dpn_jax.nn.dpn_tower import DPNTower
 from dpn_jax.nn.mlp import MLP
 
 
-class ProtocolModel(nn.Module):
-    """Embedding 10 and the AFN/BARS protocol tower: 400-400-400, BatchNorm, ReLU, no dropout."""
+class ProtocolTower(nn.Module):
+    """The AFN/BARS protocol tower's options: 400-400-400, BatchNorm, ReLU, no dropout. Listed
+    before a model's other base class, its options follow that base's (``dcn``: CrossNet's)."""
 
-    schema: Schema
-    embedding_dim: int = 10
     hidden: Sequence[int] = (400, 400, 400)
     batch_norm: bool = True
     dropout: float = 0.0
@@ -31,6 +32,17 @@ class ProtocolModel(nn.Module):
         """The tower of these options (``fields``: the tower class's other fields, its name)."""
         return cls(tuple(self.hidden), self.batch_norm, self.dropout, self.act, self.bn_momentum,
                    **fields)
+
+
+class EmbeddingModel(nn.Module):
+    """A model's first options: the dataset's schema and the embedding size (the protocol's 10)."""
+
+    schema: Schema
+    embedding_dim: int = 10
+
+
+class ProtocolModel(ProtocolTower, EmbeddingModel):
+    """Embedding 10 and the protocol tower."""
 
 
 class FeatureDPNModel(ProtocolModel):

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from dpn_jax.data.schema import Schema
 from dpn_jax.errors import ConfigError
+from dpn_jax.models.bases import ProtocolTower
 from dpn_jax.models.registry import register
 from dpn_jax.nn.afn_layers import DEFAULT_EPS, LogarithmicTransform
 from dpn_jax.nn.attention_layers import APGTower, BilinearFusion, FeatureGate, InteractingLayer
@@ -90,7 +91,7 @@ class AutoInt(nn.Module):
 
 
 @register("autoint_plus")
-class AutoIntPlus(AutoInt):
+class AutoIntPlus(ProtocolTower, AutoInt):
     """AutoInt+: AutoInt's attention stack plus a parallel DNN 400-400-400 on the same embeddings.
 
     Song et al., CIKM 2019 (the AutoInt+ variant, jointly trained with a feed-forward network).
@@ -99,18 +100,11 @@ class AutoIntPlus(AutoInt):
     dropout (the AFN/BARS protocol tower; BARS's AutoInt+ Frappe config also uses 400-400-400+BN).
     """
 
-    hidden: Sequence[int] = (400, 400, 400)
-    batch_norm: bool = True
-    dropout: float = 0.0
-    act: str = "relu"
-    bn_momentum: float = 0.9
-
     @nn.compact
     def __call__(self, batch, train: bool = False) -> jnp.ndarray:
         e = FieldEmbedding(self.schema, dim=self.embedding_dim, name="embedding")(batch)
-        dnn = MLP(tuple(self.hidden), self.batch_norm, self.dropout, self.act, self.bn_momentum,
-                  name="dnn_mlp")
-        return self.attention_logit(e) + _logit(dnn, _flat(e), train, "dnn_out")
+        return self.attention_logit(e) + _logit(self.tower(name="dnn_mlp"), _flat(e), train,
+                                                "dnn_out")
 
 
 # ---------------------------------------------------------------------------------------------
