@@ -168,11 +168,11 @@ def _cmd_bench(args) -> int:
     except ValueError:
         raise ConfigError(f"--batches {args.batches!r}: expected comma-separated integers like 1,16,256") from None
     if args.latency:
-        from dpn_jax.benchmark.harness import machine
-        from dpn_jax.serving.latency import bench_latency, device_name, format_table
+        from dpn_jax.benchmark.harness import machine, run_latency
+        from dpn_jax.serving.latency import device_name, format_table
 
         requests = args.requests or 300
-        rows = bench_latency(_csv(args.models, "dnn,dpn"), batches, requests, args.bundle, log=log)
+        rows = run_latency(_csv(args.models, "dnn,dpn"), batches, requests, args.bundle, log=log)
         text = f"latency per request on {device_name()}, {requests} requests per cell\n{format_table(rows)}"
         print(text)
         if args.out:
@@ -280,7 +280,7 @@ def _add_evaluate_parser(sub) -> None:
 def _cmd_evaluate(args) -> int:
     import shlex
 
-    from dpn_jax.train.by_frequency import evaluate_bundle, render_report, write_report
+    from dpn_jax.analysis.evaluate import evaluate_bundle, render_report, write_report
 
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     report = evaluate_bundle(args.bundle, args.by_frequency, data=args.data, data_dir=args.data_dir,

@@ -1,4 +1,4 @@
-"""``run_train``: the one function behind ``dpn-jax train`` (also ``dpn_jax.train(...)``)."""
+"""``run_train``: the one function behind ``dpn-jax train`` (also ``dpn_jax.train_model(...)``)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from flax import serialization
 
-import dpn_jax
+from dpn_jax._version import __version__
 from dpn_jax.data import load_dataset
 from dpn_jax.data.encode import bucket_notes
 from dpn_jax.errors import ConfigError
@@ -47,7 +47,7 @@ def _jsonable(x: Any) -> Any:
 def versions() -> dict[str, str]:
     import optax
 
-    return {"dpn_jax": dpn_jax.__version__, "jax": jax.__version__, "flax": flax.__version__,
+    return {"dpn_jax": __version__, "jax": jax.__version__, "flax": flax.__version__,
             "optax": optax.__version__, "numpy": np.__version__, "python": platform.python_version(),
             "backend": jax.default_backend()}
 

@@ -32,12 +32,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dpn_jax.analysis.evaluate import bundle_data, score_split
 from dpn_jax.analysis.knockout import knockout_params
 from dpn_jax.data import load_dataset
+from dpn_jax.metrics import auc
 from dpn_jax.nn.dpo_layers import FeatureDPO
 from dpn_jax.serving.predictor import load
-from dpn_jax.train.by_frequency import bundle_data, score_split
-from dpn_jax.train.metrics import auc
 
 ADAM_EPS = 1e-8
 

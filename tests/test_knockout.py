@@ -18,11 +18,11 @@ from test_serving_data import trained_bundle
 
 from dpn_jax.analysis.knockout import dpo_layers, dynamic_share, knockout_params
 from dpn_jax.data.synthetic import make_synthetic
+from dpn_jax.metrics import auc
 from dpn_jax.models import build_model
 from dpn_jax.nn.dpo_context import FieldContextDPO
 from dpn_jax.nn.dpo_layers import FeatureDPO, FieldDPO
 from dpn_jax.nn.sequence_layers import DynamicConv, QueryBehaviourDPO
-from dpn_jax.train.metrics import auc
 
 TOL = dict(rtol=2e-5, atol=2e-5)
 
@@ -291,8 +291,8 @@ def test_knockout_costs_auc_where_a_context_is_planted():
 
 
 def test_cli_evaluate_knockout_on_a_trained_bundle(tmp_path_factory, tmp_path: Path, capsys):
+    from dpn_jax.analysis.evaluate import score_split
     from dpn_jax.serving.predictor import load
-    from dpn_jax.train.by_frequency import score_split
 
     bundle = trained_bundle(tmp_path_factory, "dpn")
     capsys.readouterr()

@@ -17,8 +17,8 @@ from test_serving_data import eval_scores, read_raw, trained_bundle
 import dpn_jax
 from dpn_jax.data.schema import OOV
 from dpn_jax.errors import DpnError
+from dpn_jax.metrics import auc, logloss_from_logits
 from dpn_jax.serving.bundle import BUNDLE_FORMAT_VERSION, BundleError, write_bundle
-from dpn_jax.train.metrics import auc, logloss_from_logits
 
 TOL = dict(rtol=1e-5, atol=1e-6)
 
@@ -231,8 +231,8 @@ def test_synthetic_bundle_takes_value_indices_or_encoded_arrays(tmp_path: Path, 
 def test_an_option_a_bundle_predates_gets_its_legacy_value() -> None:
     """dpn_field bundles saved before ``context_norm`` existed had no context LayerNorm: they
     rebuild without one (and load); a bundle that records the option keeps its value."""
+    from dpn_jax.benchmark.schemas import frappe_like_schema
     from dpn_jax.models import legacy_options, model_options
-    from dpn_jax.serving.latency import frappe_like_schema
     from dpn_jax.serving.predictor import rebuild_model
 
     schema = frappe_like_schema()

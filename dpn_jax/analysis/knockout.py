@@ -37,9 +37,9 @@ from dpn_jax.data import padded_batches
 from dpn_jax.data.schema import empty_arrays
 from dpn_jax.dpo.static import PARAMS_TYPES, generator_family, static_part
 from dpn_jax.errors import ConfigError, DataError
+from dpn_jax.metrics import auc, logloss_from_logits
 from dpn_jax.nn.dpo_layers import FeatureDPO, FieldDPO, flat_params, named_params
 from dpn_jax.nn.sequence_layers import DynamicConv, QueryBehaviourDPO
-from dpn_jax.train.metrics import auc, logloss_from_logits
 
 KINDS = ("dpo",)
 DPO_MODULES = (FeatureDPO, FieldDPO, QueryBehaviourDPO, DynamicConv)
@@ -226,9 +226,9 @@ def dynamic_share(model: nn.Module, variables: Mapping[str, Any], split: Mapping
 def _load_split(bundle, data: str | None, data_dir: str | None, cache_dir: str | None, split: str,
                 log: Callable[[str], None]):
     """The bundle's data (``data`` overrides it), checked to have the bundle's encoding."""
+    from dpn_jax.analysis.evaluate import bundle_data
     from dpn_jax.data import load_dataset
     from dpn_jax.serving.bundle import encoders_for
-    from dpn_jax.train.by_frequency import bundle_data
 
     trained_on, options = bundle_data(bundle)
     source = data or trained_on

@@ -183,5 +183,5 @@ def _normalise(col: Any, kind: str) -> Any:
 
 
 def load(bundle_dir: str | Path) -> Predictor:
-    """Load and verify a bundle written by ``dpn-jax train --out DIR`` (or ``dpn_jax.train``)."""
+    """Load and verify a bundle written by ``dpn-jax train --out DIR`` (or ``dpn_jax.train_model``)."""
     return Predictor.from_bundle(read_bundle(bundle_dir))

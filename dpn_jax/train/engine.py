@@ -32,8 +32,8 @@ import dpn_jax.data
 from dpn_jax.data import padded_batches
 from dpn_jax.data.schema import Split, split_len
 from dpn_jax.errors import ConfigError
+from dpn_jax.metrics import auc, logloss_from_logits
 from dpn_jax.train import batchnorm
-from dpn_jax.train.metrics import auc, logloss_from_logits
 from dpn_jax.train.progress import EpochProgress
 from dpn_jax.train.sharding import Layout
 from dpn_jax.train.state import count_params
