@@ -31,6 +31,8 @@ def _seeds(seeds: list[int]) -> str:
 def render_markdown(report: dict[str, Any]) -> str:
     sel, final, rows = report["selected"], report["final"], report["trials"]
     k = report["select_seeds"]
+    n_sel = len(report["seeds"])
+    nf = sum(r["test_auc"] == r["test_auc"] for r in final["replicas"])
     lines = [f"# tune: {report['model']} on {report['data']}", ""]
     if report.get("command"):
         lines += [f"Command: `{report['command']}`", ""]
@@ -44,23 +46,23 @@ def render_markdown(report: dict[str, Any]) -> str:
               "Selection: the trial with the highest **mean validation AUC** over the tuning seeds. "
               "Test AUC is listed for reference only: it was **not used for selection**.", "",
               f"## Selected: trial {sel['trial']}, `{sel['configuration'] or 'defaults'}`", "",
-              f"Mean validation AUC over the tuning seeds: {_ms(sel['valid_auc_mean'], sel['valid_auc_std'])}. "
+              f"Mean validation AUC over the tuning seeds: {_ms(sel['valid_auc_mean'], sel['valid_auc_std'], n_sel)}. "
               f"Alone: `dpn-jax train --model {report['model']} --data {report['data']} "
               + "".join(f"--set {x} " for x in [*report["sets"], *sel["configuration"].split()])
               + f"--seed {final['seeds'][0]}`.", "",
               f"Retrained on fresh seeds {_seeds(final['seeds'])}: **test AUC "
-              f"{_ms(final['test_auc']['mean'], final['test_auc']['std'])}**, test logloss "
-              f"{_ms(final['test_logloss']['mean'], final['test_logloss']['std'])} (mean ± sample std)"
+              f"{_ms(final['test_auc']['mean'], final['test_auc']['std'], nf)}**, test logloss "
+              f"{_ms(final['test_logloss']['mean'], final['test_logloss']['std'], nf)} (mean ± sample std)"
               + (f"; {final['diverged']} seed(s) diverged" if final["diverged"] else "") + ".", "",
               "| seed | test AUC | test logloss | valid AUC | valid logloss | best epoch | epochs | status |",
               "|---|---|---|---|---|---|---|---|"]
     for r in final["replicas"]:
         lines.append(f"| {r['seed']} | {r['test_auc']:.4f} | {r['test_logloss']:.4f} | {r['valid_auc']:.4f} | "
                      f"{r['valid_logloss']:.4f} | {r['best_epoch']} | {r['epochs']} | {r['status']} |")
-    lines.append(f"| mean ± std | {_ms(final['test_auc']['mean'], final['test_auc']['std'])} | "
-                 f"{_ms(final['test_logloss']['mean'], final['test_logloss']['std'])} | "
-                 f"{_ms(final['valid_auc']['mean'], final['valid_auc']['std'])} | "
-                 f"{_ms(final['valid_logloss']['mean'], final['valid_logloss']['std'])} | | | |")
+    lines.append(f"| mean ± std | {_ms(final['test_auc']['mean'], final['test_auc']['std'], nf)} | "
+                 f"{_ms(final['test_logloss']['mean'], final['test_logloss']['std'], nf)} | "
+                 f"{_ms(final['valid_auc']['mean'], final['valid_auc']['std'], nf)} | "
+                 f"{_ms(final['valid_logloss']['mean'], final['valid_logloss']['std'], nf)} | | | |")
     lines += ["", "## Every trial, by mean validation AUC", "",
               "| trial | configuration | seeds | valid AUC | valid logloss | test AUC (not used for "
               "selection) | best epochs | diverged | program |", "|---|---|---|---|---|---|---|---|---|"]
