@@ -45,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("models", help="list the model registry and each model's options")
     _add_serving_parsers(sub)
     _add_sweep_parser(sub)
+    _add_tune_parser(sub)
     add_data_parser(sub)
     _add_evaluate_parser(sub)
     return p
@@ -250,6 +251,66 @@ def _cmd_sweep(args) -> int:
     return 0
 
 
+def _add_tune_parser(sub) -> None:
+    t = sub.add_parser("tune", help="the same tuning budget for any model: search on validation AUC "
+                                    "over tuning seeds, report the best on fresh seeds' test")
+    t.add_argument("--model", required=True, help="a registry name (see `dpn-jax models`)")
+    t.add_argument("--data", default=None, help="a built-in name or a dataset spec file (.yaml)")
+    t.add_argument("--space", default=None, metavar="YAML",
+                   help="the search space (docs/guide/sweeps.md); default: the model family's "
+                        "(print it with --show-space)")
+    t.add_argument("--show-space", action="store_true", help="print the model's default space as YAML and exit")
+    t.add_argument("--search", default="random", choices=["random", "grid"],
+                   help="random (default): --trials draws; grid: every combination of values lists")
+    t.add_argument("--trials", type=int, default=None, help="random search: how many trials (default 20)")
+    t.add_argument("--search-seed", type=int, default=0, help="seed of the random draws (default 0)")
+    t.add_argument("--seeds", default="2021-2023", help="tuning seeds, each trial trains on all (default 2021-2023)")
+    t.add_argument("--select-seeds", type=int, default=None, metavar="K",
+                   help="cheaper: every trial on the first K tuning seeds, the best --select-top on the rest")
+    t.add_argument("--select-top", type=int, default=None, metavar="N",
+                   help="with --select-seeds: trials that go on (default: a quarter, at least 2)")
+    t.add_argument("--final-seeds", default=None,
+                   help="fresh seeds for the selected configuration (default: the 5 after --seeds)")
+    t.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option fixed for every trial (a space option of the same key wins)")
+    t.add_argument("--out", default=None,
+                   help="write tune.md / tune.json / tune.png and the stages here (rerun to resume)")
+    t.add_argument("--max-replicas", type=int, default=None, help="at most this many replicas per program")
+    t.add_argument("--data-dir", default=None, help="where built-in datasets live")
+    t.add_argument("--cache-dir", default=None, help="encoded-split cache")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _cmd_tune(args) -> int:
+    import shlex
+
+    from dpn_jax.errors import ConfigError
+    from dpn_jax.sweep_runner import parse_seeds
+
+    if args.show_space:
+        from dpn_jax.tune_spaces import default_space, families, space_yaml
+
+        print(f"# default space of {args.model} (families: {', '.join(families(args.model))})")
+        print(space_yaml(default_space(args.model)), end="", flush=True)
+        return 0
+    missing = [flag for flag, v in (("--data", args.data), ("--out", args.out)) if v is None]
+    if missing:
+        raise ConfigError(f"tune needs {' and '.join(missing)} (the tune's results and its resume "
+                          "state live in --out)")
+    from dpn_jax.tuning import run_tune
+
+    command = "dpn-jax " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["tune"] else None
+    final = parse_seeds(args.final_seeds, "--final-seeds") if args.final_seeds else None
+    report = run_tune(args.model, args.data, out=args.out, space=args.space, search=args.search,
+                      trials=args.trials, search_seed=args.search_seed, seeds=parse_seeds(args.seeds),
+                      select_seeds=args.select_seeds, select_top=args.select_top, final_seeds=final,
+                      sets=args.sets, data_dir=args.data_dir, cache_dir=args.cache_dir,
+                      progress=False if args.no_progress else None, max_replicas=args.max_replicas,
+                      command=command)
+    print(report["markdown"], flush=True)
+    return 0
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 
@@ -326,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         xla_cache.enable(Path(args.cache_dir) / "xla" if getattr(args, "cache_dir", None) else None)
     try:
         return {"train": _cmd_train, "models": _cmd_models, **SERVING_COMMANDS,
-                "sweep": _cmd_sweep, "data": cmd_data, "evaluate": _cmd_evaluate_any}[args.command](args)
+                "sweep": _cmd_sweep, "tune": _cmd_tune, "data": cmd_data, "evaluate": _cmd_evaluate_any}[args.command](args)
     except DpnError as err:
         print(f"dpn-jax: error: {err}", file=sys.stderr)
         return 2
