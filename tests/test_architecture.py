@@ -25,7 +25,8 @@ LAYERS: dict[str, tuple[tuple[str, ...], set[str]]] = {
     "train": (("train",), {"serving", "analysis", "app"}),
     "serving": (("serving",), {"analysis", "app"}),
     "analysis": (("analysis",), {"app"}),
-    "app": (("", "benchmark", "cli", "cli_data", "runner", "sweep_runner"), set()),
+    "app": (("", "benchmark", "cli", "cli_data", "runner", "sweep_runner", "tuning", "tuning_report",
+             "tune_spaces"), set()),
 }
 
 
