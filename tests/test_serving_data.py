@@ -146,3 +146,6 @@ def test_top_level_api_is_lazy_and_train_is_the_package() -> None:
     from dpn_jax.serving.predictor import load
 
     assert dpn_jax.load is load
+    from dpn_jax.tuning import run_tune
+
+    assert dpn_jax.tune is run_tune
