@@ -7,8 +7,8 @@ would, so that tests can prove that no output is ever left half-written.
 * ``batch``: a training dispatch was issued (``fit`` and sweeps), before its checkpoint if due;
 * ``checkpoint``: a training checkpoint was written;
 * ``chunk``: a chunk of output rows was written (``predict``; ``data prepare``'s encoding pass);
-* ``rename``: an output is about to be renamed into place (a file, a folder, an entry carried
-  into a new folder, a dataset cache);
+* ``rename``: an output (a file, a folder, a dataset cache) or an entry carried into a new folder
+  is about to be put in place;
 * ``installed``: an output folder or file took its target's place, before the old one is deleted.
 
 Unset (always, outside tests), :func:`point` only compares a string.
