@@ -79,6 +79,15 @@ def _replicas(summary: dict) -> list[dict]:
     return [dict(r, history=_without_clock(r["history"])) for r in _without_clock(rows)]
 
 
+def test_a_fault_point_is_named_event_and_count():
+    from dpn_jax import faults
+
+    assert faults._parse("rename:12") == ("rename", 12) and faults._parse(None) == (None, 0)
+    for bad in ("rename", "rename:0", ":3", "rename:x"):
+        with pytest.raises(ValueError, match=ENV):
+            faults._parse(bad)
+
+
 # ----------------------------------------------------------------------------- shared data
 
 
