@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from dpn_jax import faults
 from dpn_jax.errors import DpnError
 
 
@@ -69,6 +70,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         try:
             if target.is_file():
                 os.chmod(tmp, target.stat().st_mode & 0o7777)  # the file keeps who may read it
+            faults.point("rename")
             os.replace(tmp, target)
         except OSError as err:
             raise DpnError(f"cannot write {target}: {err.strerror or err}") from None
@@ -76,6 +78,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+    faults.point("installed")
     _fsync(target.parent)
 
 
@@ -108,7 +111,7 @@ def atomic_dir(path: str | Path, keep: Callable[[str], bool] | None = None) -> I
     """A new, empty folder ``path.tmp-XXXX`` to fill; when the block ends without an error it
     takes ``path``'s place (the old folder is then deleted), when it raises it is deleted and
     ``path`` is untouched. ``keep(name)``: entries of the old folder to carry into the new one
-    (moved, not copied, just before the swap), e.g. a run's checkpoints beside its bundle."""
+    just before the swap, e.g. a run's checkpoints beside its bundle (:func:`_carry`)."""
     target = _target(path)
     if target.exists() and not target.is_dir():
         raise DpnError(f"{target} is a file; expected a folder (or a path that does not exist yet)")
@@ -137,22 +140,48 @@ def atomic_dir(path: str | Path, keep: Callable[[str], bool] | None = None) -> I
 def _install(new: Path, target: Path, keep: Callable[[str], bool] | None) -> None:
     """Put the finished folder ``new`` at ``target``, carrying ``keep``'s entries of the old one."""
     if not target.is_dir():
+        faults.point("rename")
         os.rename(new, target)  # fails rather than merging if something appeared at target meanwhile
+        faults.point("installed")
         return
     os.chmod(new, target.stat().st_mode & 0o7777)  # the folder keeps who may read it
-    carried = []
+    moved = []
     try:
         for entry in sorted(target.iterdir()):
             if keep is not None and keep(entry.name) and not (new / entry.name).exists():
-                os.rename(entry, new / entry.name)
-                carried.append(entry.name)
+                faults.point("rename")
+                if not _carry(entry, new / entry.name):
+                    os.rename(entry, new / entry.name)
+                    moved.append(entry.name)
+        faults.point("rename")
         old = _swap(new, target)
     except BaseException:
-        for name in carried:  # the swap did not happen: the old folder gets its entries back
+        for name in moved:  # the swap did not happen: the old folder gets its entries back
             with contextlib.suppress(OSError):
                 os.rename(new / name, target / name)
         raise
+    faults.point("installed")
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _carry(entry: Path, dst: Path) -> bool:
+    """``entry`` also at ``dst``, made of hard links: no data is copied, and the old folder keeps
+    the entry whole until the swap, so a process killed in between loses nothing (a move would
+    leave it only in the unfinished new folder). False where the file system has no hard links;
+    the caller then moves the entry."""
+    try:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, dst, symlinks=True, copy_function=os.link)
+        else:
+            os.link(entry, dst, follow_symlinks=False)
+    except OSError:
+        if dst.is_dir() and not dst.is_symlink():
+            shutil.rmtree(dst, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                dst.unlink()
+        return False
+    return True
 
 
 _RENAME_EXCHANGE = 2

@@ -16,7 +16,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "dpn_jax"
 # Bottom to top: a layer, the modules in it (a name covers its submodules), and who may import it.
 # A layer may always import itself (sideways); "*" = every layer.
 LAYERS: dict[str, tuple[tuple[str, ...], set[str]]] = {
-    "base": (("errors", "_version", "xla_flags", "native", "options", "atomic", "buckets"), {"*"}),
+    "base": (("errors", "_version", "xla_flags", "native", "options", "atomic", "buckets",
+              "faults"), {"*"}),
     "metrics": (("metrics",), {"data", "train", "serving", "analysis", "app"}),
     "data": (("data",), {"nn", "models", "train", "serving", "analysis", "app"}),
     "dpo": (("dpo",), {"nn", "models", "train", "serving", "analysis", "app"}),

@@ -45,11 +45,17 @@ def test_atomic_write_replaces_only_when_complete(tmp_path: Path) -> None:
     assert not (tmp_path / "never.csv").exists()
 
 
-@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two-renames"])
+@pytest.mark.parametrize("exchange,links", [(True, True), (False, True), (True, False)],
+                         ids=["renameat2", "two-renames", "no-hard-links"])
 def test_atomic_dir_swaps_whole_folders_and_carries_kept_entries(tmp_path: Path, monkeypatch,
-                                                                 exchange: bool) -> None:
+                                                                 exchange: bool, links: bool) -> None:
     if not exchange:
         monkeypatch.setattr(atomic, "_renameat2", lambda: None)
+    if not links:  # a file system without hard links: kept entries are moved instead
+        def no_link(*args, **kw):
+            raise OSError(1, "Operation not permitted")
+
+        monkeypatch.setattr(atomic.os, "link", no_link)
     d = tmp_path / "bundle"
     d.mkdir(mode=0o750)
     (d / "a.json").write_text("old a")
@@ -75,6 +81,31 @@ def test_atomic_dir_swaps_whole_folders_and_carries_kept_entries(tmp_path: Path,
     with pytest.raises(DpnError, match="is a file"):
         with atomic.atomic_dir(tmp_path / "file"):
             pass
+
+
+def test_atomic_dir_keeps_carried_entries_in_the_old_folder_until_the_swap(tmp_path: Path,
+                                                                           monkeypatch) -> None:
+    """A process killed after the kept entries are carried and before the swap (tests/
+    test_faults.py kills one there) must leave them in the old folder: moving them left the
+    old folder without its checkpoints, and ``train --resume`` with nothing to resume."""
+    d = tmp_path / "bundle"
+    (d / "checkpoints" / "6").mkdir(parents=True)
+    (d / "checkpoints" / "6" / "state").write_text("ckpt")
+    (d / "a.json").write_text("old a")
+    seen = []
+
+    def swap_seeing(new: Path, target: Path) -> Path:
+        seen.append({where: (d / "checkpoints" / "6" / "state").is_file() and
+                     (d / "checkpoints" / "6" / "state").read_text() for where, d in (("target", target), ("new", new))})
+        return real_swap(new, target)
+
+    real_swap = atomic._swap
+    monkeypatch.setattr(atomic, "_swap", swap_seeing)
+    with atomic.atomic_dir(d, keep=lambda n: n == "checkpoints") as tmp:
+        (tmp / "a.json").write_text("new a")
+    assert seen == [{"target": "ckpt", "new": "ckpt"}]  # both whole at the moment of the swap
+    assert (d / "a.json").read_text() == "new a" and (d / "checkpoints" / "6" / "state").read_text() == "ckpt"
+    assert _leftovers(tmp_path) == []
 
 
 # ----------------------------------------------------------------------------- predict, export

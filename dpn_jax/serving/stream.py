@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from dpn_jax import faults
 from dpn_jax.atomic import atomic_path
 from dpn_jax.errors import DataError
 from dpn_jax.serving.predictor import Predictor
@@ -163,6 +164,7 @@ def predict_file(predictor: Predictor, input: str | Path, output: str | Path, *,
                 out_schema = out.schema
                 writer.write(out)
                 n += table.num_rows
+                faults.point("chunk")
             writer.close(out_schema)
         finally:
             writer.close()

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dpn_jax import faults
 from dpn_jax.data.schema import Dataset, split_len
 from dpn_jax.errors import DpnError
 from dpn_jax.train.config import TrainConfig
@@ -267,6 +268,7 @@ class Checkpoints:
             run=args.JsonSave(run)))
         if not done:  # positions only grow; a refused save would silently lose the resume point
             raise DpnError(f"checkpoint {position} was not written to {self.directory}")
+        faults.point("checkpoint")
         return self.directory / str(position)
 
     def progress(self) -> dict:

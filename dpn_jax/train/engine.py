@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import dpn_jax.data
+from dpn_jax import faults
 from dpn_jax.data import padded_batches
 from dpn_jax.data.schema import Split, split_len
 from dpn_jax.errors import ConfigError
@@ -268,6 +269,7 @@ def run_epoch(state, program: Program, blocks: Iterable[dict], *, tally: EpochTa
                 shown = check(state, step, values)
                 tally = tally.add(values)
                 bar.update(step, shown)
+        faults.point("batch")  # test-only (dpn_jax.faults): no cost unless DPN_JAX_FAULT_AFTER is set
         if after_dispatch is not None:
             after_dispatch(state, tally)
     jax.block_until_ready(state)
