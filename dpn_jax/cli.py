@@ -135,6 +135,16 @@ def _add_serving_parsers(sub) -> None:
     b.add_argument("--bundle", default=None, help="--latency: this bundle's model instead of --models")
     b.add_argument("--batches", default=None, help="request sizes (default 1,64,4096; 1,16,256 with --latency)")
     b.add_argument("--requests", type=int, default=None, help="timed requests per cell (default 50; 300 with --latency)")
+    a = b.add_argument_group("accuracy (--peer fuxictr --accuracy): our DNN and FuxiCTR's on the same arrays")
+    a.add_argument("--accuracy", action="store_true",
+                   help="train both DNNs to early stopping on --data and compare test AUC per seed")
+    a.add_argument("--data", default=None, help="--accuracy: a built-in dataset or a spec file")
+    a.add_argument("--data-dir", default=None, help="--accuracy: where built-in datasets live")
+    a.add_argument("--seeds", default="2021-2023", help="--accuracy: seeds, e.g. 2021-2025")
+    a.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="--accuracy: an option of our dnn (e.g. --set protocol=fuxictr)")
+    a.add_argument("--peer-set", dest="peer_sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="--accuracy: an option of FuxiCTR's DNN (lr, patience, embedding_l2, ...)")
 
 
 def _cmd_predict(args) -> int:
@@ -168,6 +178,8 @@ def _cmd_bench(args) -> int:
         batches = [int(x) for x in _csv(args.batches, "1,16,256" if args.latency else "1,64,4096")]
     except ValueError:
         raise ConfigError(f"--batches {args.batches!r}: expected comma-separated integers like 1,16,256") from None
+    if args.accuracy:
+        return _bench_accuracy(args, log)
     if args.latency:
         from dpn_jax.benchmark.harness import machine, run_latency
         from dpn_jax.serving.latency import device_name, format_table
@@ -193,6 +205,27 @@ def _cmd_bench(args) -> int:
                        matmul_dtypes=_csv(args.matmul_dtypes, "float32"), rounds=args.rounds, log=log)
     command = _bench_command()
     text = format_markdown(result, command)
+    print(text)
+    if args.out:
+        _write_out(args.out, text, {**result, "command": command})
+    return 0
+
+
+def _bench_accuracy(args, log) -> int:
+    from dpn_jax.benchmark import peer_fuxictr
+    from dpn_jax.benchmark.accuracy import compare_accuracy, format_accuracy
+    from dpn_jax.errors import ConfigError
+    from dpn_jax.sweep_runner import parse_seeds
+
+    if args.peer != "fuxictr" or not args.data:
+        raise ConfigError("--accuracy compares with a peer on data: add --peer fuxictr --data NAME")
+    why = peer_fuxictr.available()
+    if why:
+        raise ConfigError(f"--peer fuxictr: {why}")
+    result = compare_accuracy(args.data, parse_seeds(args.seeds), sets=args.sets, peer_sets=args.peer_sets,
+                              data_dir=args.data_dir, log=log)
+    command = _bench_command()
+    text = format_accuracy(result, command)
     print(text)
     if args.out:
         _write_out(args.out, text, {**result, "command": command})
