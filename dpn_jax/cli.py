@@ -31,7 +31,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a training or model option, e.g. --set lr=3e-4 --set dropout=0.2")
     t.add_argument("--out", default=None,
-                   help="write the model bundle here (results.json, parameters, encoders; see `predict`)")
+                   help="write the model bundle here (results.json, parameters, encoders; see `predict`); "
+                        "an existing OUT must hold this same run's earlier bundle (see --overwrite)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="let --out replace a folder that is not this run's bundle (another run's "
+                        "bundle, or a folder of other files: its results.json, model.json, ... are replaced)")
     t.add_argument("--checkpoint-dir", default=None,
                    help="write checkpoints here after every epoch (default: OUT/checkpoints with --out)")
     t.add_argument("--resume", action="store_true",
@@ -41,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("models", help="list the model registry and each model's options")
     _add_serving_parsers(sub)
     _add_sweep_parser(sub)
+    _add_tune_parser(sub)
     add_data_parser(sub)
     _add_evaluate_parser(sub)
     return p
@@ -74,7 +79,8 @@ def _cmd_train(args) -> int:
                         data_dir=args.data_dir, cache_dir=args.cache_dir,
                         progress=False if args.no_progress else None,
                         checkpoint_dir=args.checkpoint_dir, resume=args.resume, mesh=args.mesh,
-                        out_of_core=args.out_of_core, memory_budget_mb=args.memory_budget_mb)
+                        out_of_core=args.out_of_core, memory_budget_mb=args.memory_budget_mb,
+                        overwrite=args.overwrite)
     print(json.dumps({k: results[k] for k in RESULT_KEYS if k in results}), flush=True)
     return 0
 
@@ -136,6 +142,16 @@ def _add_serving_parsers(sub) -> None:
     b.add_argument("--bundle", default=None, help="--latency: this bundle's model instead of --models")
     b.add_argument("--batches", default=None, help="request sizes (default 1,64,4096; 1,16,256 with --latency)")
     b.add_argument("--requests", type=int, default=None, help="timed requests per cell (default 50; 300 with --latency)")
+    a = b.add_argument_group("accuracy (--peer fuxictr --accuracy): our DNN and FuxiCTR's on the same arrays")
+    a.add_argument("--accuracy", action="store_true",
+                   help="train both DNNs to early stopping on --data and compare test AUC per seed")
+    a.add_argument("--data", default=None, help="--accuracy: a built-in dataset or a spec file")
+    a.add_argument("--data-dir", default=None, help="--accuracy: where built-in datasets live")
+    a.add_argument("--seeds", default="2021-2023", help="--accuracy: seeds, e.g. 2021-2025")
+    a.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="--accuracy: an option of our dnn (e.g. --set protocol=fuxictr)")
+    a.add_argument("--peer-set", dest="peer_sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="--accuracy: an option of FuxiCTR's DNN (lr, patience, embedding_l2, ...)")
 
 
 def _cmd_predict(args) -> int:
@@ -178,12 +194,14 @@ def _cmd_bench(args) -> int:
         batches = [int(x) for x in _csv(args.batches, "1,16,256" if args.latency else "1,64,4096")]
     except ValueError:
         raise ConfigError(f"--batches {args.batches!r}: expected comma-separated integers like 1,16,256") from None
+    if args.accuracy:
+        return _bench_accuracy(args, log)
     if args.latency:
-        from dpn_jax.benchmark.harness import machine
-        from dpn_jax.serving.latency import bench_latency, device_name, format_table
+        from dpn_jax.benchmark.harness import machine, run_latency
+        from dpn_jax.serving.latency import device_name, format_table
 
         requests = args.requests or 300
-        rows = bench_latency(_csv(args.models, "dnn,dpn"), batches, requests, args.bundle, log=log)
+        rows = run_latency(_csv(args.models, "dnn,dpn"), batches, requests, args.bundle, log=log)
         text = f"latency per request on {device_name()}, {requests} requests per cell\n{format_table(rows)}"
         print(text)
         if args.out:
@@ -211,6 +229,27 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _bench_accuracy(args, log) -> int:
+    from dpn_jax.benchmark import peer_fuxictr
+    from dpn_jax.benchmark.accuracy import compare_accuracy, format_accuracy
+    from dpn_jax.errors import ConfigError
+    from dpn_jax.sweep_runner import parse_seeds
+
+    if args.peer != "fuxictr" or not args.data:
+        raise ConfigError("--accuracy compares with a peer on data: add --peer fuxictr --data NAME")
+    why = peer_fuxictr.available()
+    if why:
+        raise ConfigError(f"--peer fuxictr: {why}")
+    result = compare_accuracy(args.data, parse_seeds(args.seeds), sets=args.sets, peer_sets=args.peer_sets,
+                              data_dir=args.data_dir, log=log)
+    command = _bench_command()
+    text = format_accuracy(result, command)
+    print(text)
+    if args.out:
+        _write_out(args.out, text, {**result, "command": command})
+    return 0
+
+
 def _bench_command() -> str:
     """The command line that ran, as written into the results."""
     return "dpn-jax " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "python " + " ".join(sys.argv)
@@ -218,10 +257,11 @@ def _bench_command() -> str:
 
 def _write_out(out: str, markdown: str, record: dict) -> None:
     """``OUT.md`` and ``OUT.json`` (suffixes appended: ``OUT`` may hold a dot, as in ``lr1e-3.5``)."""
+    from dpn_jax.atomic import write_text
+
     out_path = Path(out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{out_path}.md").write_text(markdown)
-    Path(f"{out_path}.json").write_text(json.dumps(record, indent=1, default=str))
+    write_text(f"{out_path}.md", markdown)
+    write_text(f"{out_path}.json", json.dumps(record, indent=1, default=str))
     print(f"wrote {out_path}.md and {out_path}.json", file=sys.stderr)
 
 
@@ -262,15 +302,81 @@ def _cmd_sweep(args) -> int:
     return 0
 
 
+def _add_tune_parser(sub) -> None:
+    t = sub.add_parser("tune", help="the same tuning budget for any model: search on validation AUC "
+                                    "over tuning seeds, report the best on fresh seeds' test")
+    t.add_argument("--model", required=True, help="a registry name (see `dpn-jax models`)")
+    t.add_argument("--data", default=None, help="a built-in name or a dataset spec file (.yaml)")
+    t.add_argument("--space", default=None, metavar="YAML",
+                   help="the search space (docs/guide/sweeps.md); default: the model family's "
+                        "(print it with --show-space)")
+    t.add_argument("--show-space", action="store_true", help="print the model's default space as YAML and exit")
+    t.add_argument("--search", default="random", choices=["random", "grid"],
+                   help="random (default): --trials draws; grid: every combination of values lists")
+    t.add_argument("--trials", type=int, default=None, help="random search: how many trials (default 20)")
+    t.add_argument("--search-seed", type=int, default=0, help="seed of the random draws (default 0)")
+    t.add_argument("--seeds", default="2021-2023", help="tuning seeds, each trial trains on all (default 2021-2023)")
+    t.add_argument("--select-seeds", type=int, default=None, metavar="K",
+                   help="cheaper: every trial on the first K tuning seeds, the best --select-top on the rest")
+    t.add_argument("--select-top", type=int, default=None, metavar="N",
+                   help="with --select-seeds: trials that go on (default: a quarter, at least 2)")
+    t.add_argument("--final-seeds", default=None,
+                   help="fresh seeds for the selected configuration (default: the 5 after --seeds)")
+    t.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option fixed for every trial (a space option of the same key wins)")
+    t.add_argument("--out", default=None,
+                   help="write tune.md / tune.json / tune.png and the stages here (rerun to resume)")
+    t.add_argument("--max-replicas", type=int, default=None, help="at most this many replicas per program")
+    t.add_argument("--data-dir", default=None, help="where built-in datasets live")
+    t.add_argument("--cache-dir", default=None, help="encoded-split cache")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _cmd_tune(args) -> int:
+    import shlex
+
+    from dpn_jax.errors import ConfigError
+    from dpn_jax.sweep_runner import parse_seeds
+
+    if args.show_space:
+        from dpn_jax.tune_spaces import default_space, families, space_yaml
+
+        print(f"# default space of {args.model} (families: {', '.join(families(args.model))})")
+        print(space_yaml(default_space(args.model)), end="", flush=True)
+        return 0
+    missing = [flag for flag, v in (("--data", args.data), ("--out", args.out)) if v is None]
+    if missing:
+        raise ConfigError(f"tune needs {' and '.join(missing)} (the tune's results and its resume "
+                          "state live in --out)")
+    from dpn_jax.tuning import run_tune
+
+    command = "dpn-jax " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["tune"] else None
+    final = parse_seeds(args.final_seeds, "--final-seeds") if args.final_seeds else None
+    report = run_tune(args.model, args.data, out=args.out, space=args.space, search=args.search,
+                      trials=args.trials, search_seed=args.search_seed, seeds=parse_seeds(args.seeds),
+                      select_seeds=args.select_seeds, select_top=args.select_top, final_seeds=final,
+                      sets=args.sets, data_dir=args.data_dir, cache_dir=args.cache_dir,
+                      progress=False if args.no_progress else None, max_replicas=args.max_replicas,
+                      command=command)
+    print(report["markdown"], flush=True)
+    return 0
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 
 def _add_evaluate_parser(sub) -> None:
     v = sub.add_parser("evaluate", help="score a bundle on its data's test split: AUC per frequency "
-                                        "bucket of a field (--by-frequency; paper Table 3)")
+                                        "bucket of a field (--by-frequency; paper Table 3), or "
+                                        "with the DPO's dynamic part knocked out (--knockout dpo)")
     v.add_argument("bundle", help="a bundle directory written by `train --out`")
-    v.add_argument("--by-frequency", required=True, metavar="FIELD",
-                   help="a categorical field: rows are bucketed by how often their value occurs in train")
+    what = v.add_mutually_exclusive_group(required=True)
+    what.add_argument("--by-frequency", metavar="FIELD",
+                      help="a categorical field: rows are bucketed by how often their value occurs in train")
+    what.add_argument("--knockout", choices=["dpo"],
+                      help="dpo: rescore with every DPO layer reduced to its static part (its generated "
+                           "weights zeroed); prints AUC/logloss with and without, the mean |Δ logit| "
+                           "and each DPO layer's dynamic share")
     v.add_argument("--buckets", default=None, metavar="SPEC",
                    help="training-count buckets, e.g. 0,1-5,6-20,21+ (default 0,1-5,6-20,21-50,51+; "
                         "0 = unseen in train or OOV)")
@@ -279,13 +385,14 @@ def _add_evaluate_parser(sub) -> None:
                    help="a built-in name or a dataset spec (.yaml) (default: the bundle's own data)")
     v.add_argument("--data-dir", default=None, help="where built-in datasets live")
     v.add_argument("--cache-dir", default=None, help="encoded-split cache")
-    v.add_argument("--out", default=None, help="write by_frequency.md, .json and .png here")
+    v.add_argument("--out", default=None,
+                   help="write by_frequency.md, .json and .png (knockout.md, .json) here")
 
 
 def _cmd_evaluate(args) -> int:
     import shlex
 
-    from dpn_jax.train.by_frequency import evaluate_bundle, render_report, write_report
+    from dpn_jax.analysis.evaluate import evaluate_bundle, render_report, write_report
 
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     report = evaluate_bundle(args.bundle, args.by_frequency, data=args.data, data_dir=args.data_dir,
@@ -299,6 +406,30 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def _cmd_knockout(args) -> int:
+    import shlex
+
+    from dpn_jax.analysis.knockout import knockout_report, render_report, write_report
+    from dpn_jax.errors import ConfigError
+
+    if args.buckets is not None:
+        raise ConfigError("--buckets applies to --by-frequency only, not to --knockout")
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    report = knockout_report(args.bundle, args.split, args.knockout, data=args.data,
+                             data_dir=args.data_dir, cache_dir=args.cache_dir, log=log)
+    if sys.argv[1:2] == ["evaluate"]:
+        report["markdown"] = render_report(report, "dpn-jax " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    print(report["markdown"], flush=True)
+    if args.out:
+        for path in write_report(report, args.out):
+            log(f"wrote {path}")
+    return 0
+
+
+def _cmd_evaluate_any(args) -> int:
+    return _cmd_knockout(args) if args.knockout else _cmd_evaluate(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from dpn_jax.train import xla_cache
@@ -307,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         xla_cache.enable(Path(args.cache_dir) / "xla" if getattr(args, "cache_dir", None) else None)
     try:
         return {"train": _cmd_train, "models": _cmd_models, **SERVING_COMMANDS,
-                "sweep": _cmd_sweep, "data": cmd_data, "evaluate": _cmd_evaluate}[args.command](args)
+                "sweep": _cmd_sweep, "tune": _cmd_tune, "data": cmd_data, "evaluate": _cmd_evaluate_any}[args.command](args)
     except DpnError as err:
         print(f"dpn-jax: error: {err}", file=sys.stderr)
         return 2

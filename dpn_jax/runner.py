@@ -1,8 +1,9 @@
-"""``run_train``: the one function behind ``dpn-jax train`` (also ``dpn_jax.train(...)``)."""
+"""``run_train``: the one function behind ``dpn-jax train`` (also ``dpn_jax.train_model(...)``)."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import platform
 import shutil
 import sys
@@ -16,12 +17,13 @@ import jax
 import numpy as np
 from flax import serialization
 
-import dpn_jax
+from dpn_jax._version import __version__
 from dpn_jax.data import load_dataset
 from dpn_jax.data.encode import bucket_notes
 from dpn_jax.errors import ConfigError
 from dpn_jax.models import build_model, model_options
 from dpn_jax.train.backend import check_options_for_backend
+from dpn_jax.train.checkpoint import MAY_CHANGE
 from dpn_jax.train.config import TrainConfig, split_overrides
 from dpn_jax.train.loop import fit
 from dpn_jax.train.sharding import describe as describe_mesh
@@ -45,27 +47,87 @@ def _jsonable(x: Any) -> Any:
 def versions() -> dict[str, str]:
     import optax
 
-    return {"dpn_jax": dpn_jax.__version__, "jax": jax.__version__, "flax": flax.__version__,
+    return {"dpn_jax": __version__, "jax": jax.__version__, "flax": flax.__version__,
             "optax": optax.__version__, "numpy": np.__version__, "python": platform.python_version(),
             "backend": jax.default_backend()}
 
 
-def _checkpoint_dir(checkpoint_dir, out, resume: bool, log) -> Path | None:
+def _checkpoint_dir(checkpoint_dir, out, resume: bool, log, same_bundle: bool = False) -> Path | None:
     """``checkpoint_dir``, else ``out/checkpoints``. A fresh run replaces the default one's earlier
-    checkpoints (as it replaces the bundle beside them); an explicit directory is never cleared."""
-    if checkpoint_dir is not None:
-        return Path(checkpoint_dir)
-    if out is None:
-        if resume:
+    checkpoints (as it replaces the bundle beside them); an explicit directory is never cleared.
+    ``same_bundle``: ``out`` holds this run's earlier bundle (:func:`_check_out`), said in one line."""
+    bundle_note = (f"note  {out} holds this run's earlier bundle (same model, data and settings): it is "
+                   "replaced when training ends")
+    if checkpoint_dir is not None or out is None:
+        if checkpoint_dir is None and resume:
             raise ConfigError("--resume needs --checkpoint-dir DIR or --out DIR (checkpoints in DIR/checkpoints)")
-        return None
+        if same_bundle:
+            log(bundle_note)
+        return None if checkpoint_dir is None else Path(checkpoint_dir)
     path = Path(out) / "checkpoints"
     if not resume and path.is_dir() and any(path.iterdir()):
         if not all(p.is_dir() and p.name.split(".")[0].isdigit() for p in path.iterdir()):
             raise ConfigError(f"{path} holds files that are not checkpoints; move them, or pass --checkpoint-dir")
-        log(f"note  replacing the checkpoints of an earlier run in {path} (pass --resume to continue it)")
+        log(f"note  replacing the checkpoints of an earlier run in {path}"
+            + (" and, when training ends, its bundle (same model, data and settings)" if same_bundle else "")
+            + " (pass --resume to continue it)")
         shutil.rmtree(path)
+    elif same_bundle:
+        log(bundle_note)
     return path
+
+
+def _short(v: Any, n: int = 60) -> str:
+    text = repr(v)
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def _out_diffs(recorded: dict, now: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(recorded) | set(now)):
+        a, b = recorded.get(k, "(absent)"), now.get(k, "(absent)")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _out_diffs(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {_short(a)} in the bundle, {_short(b)} now")
+    return out
+
+
+def _check_out(out, run: dict, *, overwrite: bool, resume: bool, log) -> bool:
+    """Refuse to write the bundle over what is not this run's own earlier bundle; True when ``out``
+    holds that bundle (it is replaced at the end).
+
+    "This run" means the same model, data (name or spec path), seed and every model and training
+    option as recorded in the bundle's model.json; with ``resume`` the options a resume may change
+    (``train.checkpoint.MAY_CHANGE``, e.g. max_epochs) may differ. A folder holding only
+    ``checkpoints/`` is an unfinished run's and is used as it is. ``overwrite`` allows anything."""
+    d = Path(out)
+    if d.exists() and not d.is_dir():
+        raise ConfigError(f"--out {d} is a file; the model bundle is a folder: choose another --out")
+    entries = sorted(p.name for p in d.iterdir()) if d.is_dir() else []
+    if not entries or entries == ["checkpoints"] or overwrite:
+        if entries and overwrite:
+            log(f"note  --overwrite: the bundle files in {d} are replaced when training ends")
+        return False
+    from dpn_jax.serving.bundle import BUNDLE_FILES, recorded_run
+
+    recorded = recorded_run(d)
+    if recorded is None:
+        clash = [n for n in entries if n in BUNDLE_FILES]
+        held = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise ConfigError(f"--out {d} exists and is not a dpn-jax model bundle (it holds {held}); choose "
+                          f"another --out, or pass --overwrite to write the bundle into it"
+                          + (f" (replacing its {', '.join(clash)})" if clash else ""))
+    now = json.loads(json.dumps(run))  # tuples -> lists, as the bundle's JSON holds them
+    if resume:
+        for side in (recorded, now):
+            side["train"] = {k: v for k, v in side["train"].items() if k not in MAY_CHANGE}
+    diffs = _out_diffs(recorded, now)
+    if diffs:
+        shown = "; ".join(diffs[:4]) + (f"; ... and {len(diffs) - 4} more" if len(diffs) > 4 else "")
+        raise ConfigError(f"--out {d} holds the bundle of another run ({shown}); choose another --out, "
+                          "or pass --overwrite to replace it")
+    return True
 
 
 def run_train(model: str, data: str, *, seed: int = 2021, sets: Sequence[str] = (),
@@ -73,9 +135,13 @@ def run_train(model: str, data: str, *, seed: int = 2021, sets: Sequence[str] = 
               cache_dir: str | None = None, progress: bool | None = None,
               log: Callable[[str], None] | None = None, checkpoint_dir: str | Path | None = None,
               resume: bool = False, mesh: str | None = None, out_of_core: str | Path | None = None,
-              memory_budget_mb: float = 512) -> dict[str, Any]:
+              memory_budget_mb: float = 512, overwrite: bool = False) -> dict[str, Any]:
     """Load ``data``, build ``model`` with ``--set`` overrides, fit, and write the model bundle
     ``out/`` (see :mod:`dpn_jax.serving.bundle`; load it with ``dpn_jax.load(out)``).
+
+    An existing ``out`` must hold this same run's earlier bundle (same model, data, seed and
+    options), an unfinished run's ``checkpoints/`` only, or nothing; ``overwrite`` lifts that.
+    The bundle appears complete or not at all; checkpoints beside it are kept.
 
     Checkpoints go to ``checkpoint_dir``, by default ``out/checkpoints``; ``resume`` continues the
     newest one there (see :mod:`dpn_jax.train.checkpoint`).
@@ -90,7 +156,15 @@ def run_train(model: str, data: str, *, seed: int = 2021, sets: Sequence[str] = 
     train_kw, model_kw = split_overrides(list(sets), opts, model)  # validate before loading data
     cfg = TrainConfig(seed=seed, **train_kw)
     check_options_for_backend(cfg, model_kw)  # a CPU-only kernel on a GPU/TPU fails here
-    checkpoint_dir = _checkpoint_dir(checkpoint_dir, out, resume, log)
+    same_bundle = False
+    if out is not None:
+        from dpn_jax.serving.bundle import data_id
+
+        same_bundle = _check_out(out, {"model": model, "data": data_id(data), "seed": seed,
+                                       "model_config": _jsonable({**opts, **model_kw}),
+                                       "train": dataclasses.asdict(cfg)},
+                                 overwrite=overwrite, resume=resume, log=log)
+    checkpoint_dir = _checkpoint_dir(checkpoint_dir, out, resume, log, same_bundle)
     device_mesh = make_mesh(mesh) if mesh is not None else None  # a bad --mesh fails before loading data
     if device_mesh is not None:
         log(f"mesh  {describe_mesh(device_mesh)} over {device_mesh.size} {jax.devices()[0].platform} devices"

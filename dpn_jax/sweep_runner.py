@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from dpn_jax.atomic import write_text
 from dpn_jax.data import load_dataset
 from dpn_jax.data.encode import bucket_notes
 from dpn_jax.errors import ConfigError
@@ -32,7 +33,7 @@ from dpn_jax.train.config import TrainConfig, split_overrides
 from dpn_jax.train.sweep import fit_sweep, static_key
 
 
-def parse_seeds(text: str) -> list[int]:
+def parse_seeds(text: str, flag: str = "--seeds") -> list[int]:
     """``2021-2025`` or ``2021,2023`` (or a mix: ``1,5-7``) -> sorted unique seeds."""
     seeds: set[int] = set()
     try:
@@ -46,9 +47,9 @@ def parse_seeds(text: str) -> list[int]:
             else:
                 seeds.add(int(part))
     except ValueError:
-        raise ConfigError(f"--seeds {text}: expected a range like 2021-2025 or a list like 2021,2022") from None
+        raise ConfigError(f"{flag} {text}: expected a range like 2021-2025 or a list like 2021,2022") from None
     if not seeds:
-        raise ConfigError("--seeds: no seeds given")
+        raise ConfigError(f"{flag}: no seeds given")
     return sorted(seeds)
 
 
@@ -77,18 +78,22 @@ class Configuration:
     model_kw: dict[str, Any]
 
 
-def configurations(model: str, grid: dict[str, list[str]], sets: Sequence[str]) -> list[Configuration]:
+def configuration(model: str, pairs: Sequence[str], sets: Sequence[str] = (), *,
+                  flag: str = "--grid") -> Configuration:
+    """One configuration: the ``key=value`` ``pairs`` over the fixed ``sets`` (a pair wins over a
+    ``--set`` of the same key), typed and range-checked (errors name ``flag``)."""
     opts = model_options(model)
-    out = []
-    for values in itertools.product(*grid.values()):
-        pairs = [f"{k}={v}" for k, v in zip(grid, values)]
-        # typed and range-checked; a --grid value wins over a --set of the same key
-        fixed_train, fixed_model = split_overrides(list(sets), opts, model)
-        grid_train, grid_model = split_overrides(pairs, opts, model, flag="--grid")
-        train_kw, model_kw = {**fixed_train, **grid_train}, {**fixed_model, **grid_model}
-        check_options_for_backend(TrainConfig(**train_kw), model_kw)
-        out.append(Configuration(" ".join(pairs) or "defaults", train_kw, model_kw))
-    return out
+    fixed_train, fixed_model = split_overrides(list(sets), opts, model)
+    own_train, own_model = split_overrides(list(pairs), opts, model, flag=flag)
+    train_kw, model_kw = {**fixed_train, **own_train}, {**fixed_model, **own_model}
+    check_options_for_backend(TrainConfig(**train_kw), model_kw)
+    return Configuration(" ".join(pairs) or "defaults", train_kw, model_kw)
+
+
+def configurations(model: str, grid: dict[str, list[str]], sets: Sequence[str]) -> list[Configuration]:
+    """The product of the ``grid``'s values, each over the fixed ``sets``."""
+    return [configuration(model, [f"{k}={v}" for k, v in zip(grid, values)], sets)
+            for values in itertools.product(*grid.values())]
 
 
 def _group_key(model: str, conf: Configuration, swept_dropout: bool) -> str:
@@ -106,20 +111,33 @@ def mean_std(xs: list[float]) -> str:
 
 
 def run_sweep(model: str, data, *, seeds: Sequence[int], grid: dict[str, list[str]] | None = None,
-              sets: Sequence[str] = (), out: str | Path | None = None, data_dir: str | None = None,
+              sets: Sequence[str] = (), confs: Sequence[Configuration] | None = None,
+              out: str | Path | None = None, data_dir: str | None = None,
               cache_dir: str | None = None, progress: bool | None = None,
               max_replicas: int | None = None, command: str | None = None,
               log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train every (configuration, seed) replica; returns the summary (also ``out/sweep.{md,json}``).
 
     ``data``: a built-in name or spec path, or an already loaded ``Dataset`` (e.g. a custom
-    ``make_synthetic(...)``)."""
+    ``make_synthetic(...)``). The configurations are the product of ``grid`` over ``sets``, or
+    ``confs``: an explicit list (from :func:`configuration`; labels unique), e.g. the trials of
+    :func:`dpn_jax.tuning.run_tune`."""
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     dataset = None if isinstance(data, (str, Path)) else data
     if dataset is not None:
         data = dataset.name
     grid = dict(grid or {})
-    confs = configurations(model, grid, sets)  # validate before loading data
+    if confs is None:
+        confs = configurations(model, grid, sets)  # validate before loading data
+    else:
+        if grid or sets:
+            raise ConfigError("run_sweep: give either confs or grid/sets (the configurations "
+                              "already hold their fixed options)")
+        confs = list(confs)
+        labels = [c.label for c in confs]
+        if not confs or len(set(labels)) < len(labels):
+            raise ConfigError(f"run_sweep: expected configurations with distinct labels, got {labels}")
+    seeds = list(seeds)
     opts = model_options(model)
     dropout_values = {c.model_kw.get("dropout", opts.get("dropout")) for c in confs}
     swept_dropout = "dropout" in opts and len(dropout_values) > 1
@@ -136,7 +154,9 @@ def run_sweep(model: str, data, *, seeds: Sequence[int], grid: dict[str, list[st
     for gi, (key, members) in enumerate(groups.items(), 1):
         saved = out / "groups" / f"{key}.json" if out is not None else None
         if saved is not None and saved.exists():
-            replicas += json.loads(saved.read_text())["replicas"]
+            rows = json.loads(saved.read_text())["replicas"]
+            _check_saved_group(saved, rows, members, seeds)
+            replicas += rows
             log(f"group {gi}/{len(groups)}: done before, read {saved}")
             continue
         if dataset is None:
@@ -167,6 +187,7 @@ def run_sweep(model: str, data, *, seeds: Sequence[int], grid: dict[str, list[st
                 "test_auc": res.test["auc"] if res else float("nan"),
                 "test_logloss": res.test["logloss"] if res else float("nan"),
                 "valid_auc": res.valid["auc"] if res else float("nan"),
+                "valid_logloss": res.valid["logloss"] if res else float("nan"),
                 "best_epoch": res.best_epoch if res else 0, "epochs": res.epochs if res else 0,
                 "num_params": res.num_params if res else 0, "group": key, "group_wall_seconds": wall,
                 "train_samples_per_s": res.train_samples_per_s if res else float("nan"),
@@ -176,17 +197,26 @@ def run_sweep(model: str, data, *, seeds: Sequence[int], grid: dict[str, list[st
             }))
         replicas += group_rows
         if saved is not None:
-            tmp = saved.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"replicas": group_rows}, indent=1))
-            tmp.replace(saved)
+            write_text(saved, json.dumps({"replicas": group_rows}, indent=1))
             shutil.rmtree(ckpt_dir, ignore_errors=True)  # the group's results are kept: its checkpoints are not needed
     summary = summarise(model, data, confs, replicas, command=command)
     if out is not None:
-        (out / "sweep.md").write_text(summary["markdown"])
-        (out / "sweep.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "markdown"},
-                                                   indent=1))
+        write_text(out / "sweep.md", summary["markdown"])
+        write_text(out / "sweep.json", json.dumps({k: v for k, v in summary.items() if k != "markdown"},
+                                                  indent=1))
         log(f"wrote {out}/sweep.md and sweep.json")
     return summary
+
+
+def _check_saved_group(path: Path, rows: list[dict], members: list[Configuration],
+                       seeds: list[int]) -> None:
+    """A finished group read back must hold this sweep's replicas: an ``out`` reused for another
+    grid or other seeds would otherwise report the old sweep's results as the new one's."""
+    want = sorted((c.label, s) for c in members for s in seeds)
+    have = sorted((r["configuration"], r["seed"]) for r in rows)
+    if have != want:
+        raise ConfigError(f"{path} holds another sweep's results (other configurations or seeds "
+                          f"than this one's); use a fresh --out or remove {path.parent}")
 
 
 def summarise(model: str, data: str, confs: list[Configuration], replicas: list[dict],

@@ -6,7 +6,7 @@ test row's user occurs in the training split, ``dnn`` vs ``dpn``, over seeds.
 Trains each model with the committed Table-1 Frappe settings (each model's documented defaults,
 ``monitor=auc-logloss reduce_lr_factor=0.1``: see ``experiments/table1.py``) into a bundle under
 ``--work-dir`` (kept, so a rerun only re-evaluates), then scores the test split with
-``dpn_jax.train.by_frequency.evaluate_bundle`` (what ``dpn-jax evaluate --by-frequency`` runs).
+``dpn_jax.analysis.evaluate.evaluate_bundle`` (what ``dpn-jax evaluate --by-frequency`` runs).
 Writes ``experiments/results/by_frequency_<data>_<field>.{md,json,png}``: mean ± std AUC per
 bucket and model over seeds, rows per bucket, and a paired bootstrap over the bucket's test rows
 for the difference of the two models' seed-mean AUCs (the seed std alone ignores that a bucket of
@@ -32,19 +32,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from seeds import slug  # noqa: E402
 from table1 import PROTOCOL  # noqa: E402
 
-from dpn_jax.data import load_dataset  # noqa: E402
-from dpn_jax.runner import run_train, versions  # noqa: E402
-from dpn_jax.train import xla_cache  # noqa: E402
-from dpn_jax.train.by_frequency import (  # noqa: E402
+from dpn_jax.analysis.by_frequency import (  # noqa: E402
     ALL,
-    evaluate_bundle,
     parse_buckets,
     plot_auc_by_bucket,
     render_comparison,
     summarize_seeds,
     training_counts,
 )
-from dpn_jax.train.metrics import auc  # noqa: E402
+from dpn_jax.analysis.evaluate import evaluate_bundle  # noqa: E402
+from dpn_jax.data import load_dataset  # noqa: E402
+from dpn_jax.metrics import auc  # noqa: E402
+from dpn_jax.runner import run_train, versions  # noqa: E402
+from dpn_jax.train import xla_cache  # noqa: E402
 
 # Frappe's users: 878 in train, median 14 training rows per user, but the test rows are dominated
 # by heavy users (half of them belong to users with >= 180 training rows). These edges keep

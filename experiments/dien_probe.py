@@ -33,13 +33,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpn_jax.data import load_dataset
+from dpn_jax.metrics import auc, logloss_from_logits
 from dpn_jax.models import build_model, model_options
 from dpn_jax.nn.recurrent_layers import GRU
 from dpn_jax.nn.sequence_layers import DINAttention
 from dpn_jax.runner import versions
 from dpn_jax.train.config import TrainConfig, split_overrides
 from dpn_jax.train.loop import fit
-from dpn_jax.train.metrics import auc, logloss_from_logits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 

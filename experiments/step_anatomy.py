@@ -41,7 +41,7 @@ import optax
 
 from dpn_jax.benchmark.harness import cpu_model
 from dpn_jax.nn import mkl_matmul
-from dpn_jax.nn.precision import bf16_matmul, row_major_transpose
+from dpn_jax.nn.precision import bf16_matmul, mkl_bf16_matmul, row_major_transpose
 from dpn_jax.runner import versions
 
 B, D_IN, H, VOCAB, FIELDS, DIM = 4096, 390, 400, 1_000_000, 39, 10
@@ -128,7 +128,7 @@ def jax_parts() -> dict[str, tuple[Callable[[], object], float]]:
     for bn in (True, False):
         for name, matmul in (("fp32", jnp.matmul), ("bf16", bf16_matmul_folded),
                              ("bf16, xᵀ row-major", bf16_matmul),
-                             *([(f"bf16{MKL}", mkl_matmul.mkl_bf16_matmul)] if MKL else [])):
+                             *([(f"bf16{MKL}", mkl_bf16_matmul)] if MKL else [])):
             f = jax.jit(jax.grad(functools.partial(jax_mlp_loss, matmul=matmul, batch_norm=bn)))
             key = f"MLP fwd+bwd {'BN' if bn else 'no BN'} {name}"
             parts[key] = (lambda f=f: jax.block_until_ready(f(ws, xin, y)), mlp_flops)

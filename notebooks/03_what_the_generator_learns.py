@@ -51,7 +51,7 @@ from dpn_jax.data.schema import FIRST
 from dpn_jax.data.synthetic import make_synthetic
 from dpn_jax.errors import DataError
 from dpn_jax.models import build_model
-from dpn_jax.models.dpn import context_fields
+from dpn_jax.nn.dpn_tower import context_fields
 from dpn_jax.train.config import TrainConfig
 from dpn_jax.train.loop import fit
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from dpn_jax.benchmark.harness import format_markdown, run_bench
-from dpn_jax.benchmark.workloads import criteo_like_schema, get_workload, zipf_ids
+from dpn_jax.benchmark.schemas import criteo_like_schema
+from dpn_jax.benchmark.workloads import get_workload, zipf_ids
 from dpn_jax.cli import main
 from dpn_jax.errors import ConfigError
 from dpn_jax.train.config import TrainConfig

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 from test_cli import run_cli, write_user_csv
 
-from dpn_jax.errors import ConfigError
-from dpn_jax.train.by_frequency import (
+from dpn_jax.analysis.by_frequency import (
     Bucket,
     evaluate_by_frequency,
     parse_buckets,
@@ -21,7 +20,8 @@ from dpn_jax.train.by_frequency import (
     summarize_seeds,
     training_counts,
 )
-from dpn_jax.train.metrics import auc, logloss, logloss_from_logits
+from dpn_jax.errors import ConfigError
+from dpn_jax.metrics import auc, logloss, logloss_from_logits
 
 
 def test_training_counts_match_a_python_loop() -> None:

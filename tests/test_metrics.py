@@ -1,4 +1,4 @@
-"""dpn_jax.train.metrics against scikit-learn: exact AUC (ties!), log loss, masking."""
+"""dpn_jax.metrics against scikit-learn: exact AUC (ties!), log loss, masking."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from sklearn.metrics import log_loss, roc_auc_score
 
 from dpn_jax.errors import DataError
-from dpn_jax.train.metrics import auc, logloss, logloss_from_logits
+from dpn_jax.metrics import auc, logloss, logloss_from_logits
 
 
 def _labels(rng: np.random.Generator, n: int, rate: float = 0.3) -> np.ndarray:

@@ -3,6 +3,8 @@ against the XLA bfloat16 product, and the errors when MKL or a compiler is missi
 
 from __future__ import annotations
 
+import os
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -14,7 +16,7 @@ from dpn_jax import native
 from dpn_jax.errors import ConfigError
 from dpn_jax.models import build_model
 from dpn_jax.nn import mkl_matmul
-from dpn_jax.nn.precision import bf16_matmul, dense_dot_general
+from dpn_jax.nn.precision import bf16_matmul, dense_dot_general, mkl_bf16_matmul
 
 REASON = mkl_matmul.unavailable_reason()
 needs_mkl = pytest.mark.skipif(REASON is not None, reason=f"MKL kernel unavailable: {REASON}")
@@ -43,7 +45,7 @@ class TestMklMatmul(chex.TestCase):
         x = rng.normal(size=(64, 24)).astype(np.float32)
         w = rng.normal(size=(24, 16)).astype(np.float32)
         ct = rng.normal(size=(64, 16)).astype(np.float32)
-        out, vjp = jax.vjp(self.variant(mkl_matmul.mkl_bf16_matmul), x, w)
+        out, vjp = jax.vjp(self.variant(mkl_bf16_matmul), x, w)
         ref, ref_vjp = jax.vjp(bf16_matmul, x, w)
         chex.assert_trees_all_equal_dtypes((out, *vjp(ct)), (ref, x, w))
         chex.assert_trees_all_close((out, *vjp(ct)), (ref, *ref_vjp(ct)), rtol=1e-5, atol=1e-4)
@@ -52,7 +54,7 @@ class TestMklMatmul(chex.TestCase):
         rng = np.random.default_rng(1)
         x = rng.normal(size=(3, 8, 5)).astype(np.float32)
         w = rng.normal(size=(3, 5, 4)).astype(np.float32)
-        out = jax.jit(jax.vmap(mkl_matmul.mkl_bf16_matmul))(x, w)
+        out = jax.jit(jax.vmap(mkl_bf16_matmul))(x, w)
         np.testing.assert_allclose(out, np.einsum("rnm,rmk->rnk", bf16(x), bf16(w)), rtol=1e-5, atol=1e-4)
 
 
@@ -112,4 +114,4 @@ def test_native_build_falls_back_to_tmp_when_the_cache_is_read_only(monkeypatch,
     if native.shutil.which("g++") is None and native.shutil.which("c++") is None:
         pytest.skip("no C++ compiler")
     out = native.build("sparse_adam.cc", "test")
-    assert out.parent == tmp_path / "tmp" / "dpn_jax_ffi" and out.exists()
+    assert out.parent == tmp_path / "tmp" / f"dpn_jax_ffi-{os.getuid()}" and out.exists()  # per user

@@ -14,7 +14,7 @@ from dpn_jax.data.synthetic import make_synthetic
 from dpn_jax.dpo.per_field import apply_per_field_context, leave_one_field_out
 from dpn_jax.errors import ConfigError
 from dpn_jax.models import build_model
-from dpn_jax.models.dpn import dpo_layer_indices
+from dpn_jax.nn.dpn_tower import dpo_layer_indices
 from dpn_jax.train.config import TrainConfig
 from dpn_jax.train.loop import fit
 

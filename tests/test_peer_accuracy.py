@@ -61,3 +61,42 @@ def test_fuxictr_dnn_learns_a_planted_dataset_and_cuts_the_lr_on_plateaus():
         expected = prev["lr"] if h["improved"] else max(prev["lr"] * 0.1, 1e-6)
         assert h["lr"] == pytest.approx(expected)
     assert r["best_epoch"] == max(h["epoch"] for h in hist if h["improved"])
+
+
+def test_accuracy_table_pairs_the_seeds():
+    from dpn_jax.benchmark.accuracy import format_accuracy, peer_options
+
+    assert peer_options(["patience=3", "hidden=32,16", "lr=0.01"]) == {
+        "patience": 3, "hidden": (32, 16), "lr": 0.01}
+    with pytest.raises(ConfigError, match="--peer-set 'dropout_rate=0.1'"):
+        peer_options(["dropout_rate=0.1"])
+    rows = [{"seed": s, "dpn_jax": o, "fuxictr": p, "diff": o - p, "dpn_jax_best_epoch": 3,
+             "fuxictr_best_epoch": 4, "dpn_jax_logloss": 0.3, "fuxictr_logloss": 0.31}
+            for s, o, p in ((1, 0.90, 0.89), (2, 0.88, 0.89), (3, 0.91, 0.90))]
+    text = format_accuracy({"data": "d", "sets": [], "peer_sets": [], "peer": "fuxictr x", "rows": rows}, "cmd")
+    assert "| 2 | 0.8800 | 0.8900 | -0.0100 | 3 / 4 |" in text
+    assert "| mean ± std | 0.8967 ± 0.0153 | 0.8933 ± 0.0058 | +0.0033" not in text  # sign shown once
+    assert "0.0033 ± 0.0115" in text and "dpn-jax ahead on 2 of 3 seeds" in text
+
+
+@pytest.mark.slow
+def test_bench_accuracy_cli_trains_both_on_one_spec(tmp_path, capsys):
+    if peer_fuxictr.available():
+        pytest.skip(f"the optional peer is not installed ({peer_fuxictr.available()})")
+    from test_cli import run_cli, write_user_csv
+
+    spec = write_user_csv(tmp_path, rows=1500)
+    out = tmp_path / "parity"
+    code, text, err = run_cli(
+        ["bench", "--peer", "fuxictr", "--accuracy", "--data", str(spec), "--seeds", "2021-2022",
+         "--set", "max_epochs=2", "--set", "hidden=16", "--set", "batch_size=256",
+         "--peer-set", "max_epochs=2", "--peer-set", "hidden=16", "--peer-set", "batch_size=256",
+         "--out", str(out)], capsys)
+    assert code == 0, err
+    record = __import__("json").loads(out.with_suffix(".json").read_text())
+    assert [r["seed"] for r in record["rows"]] == [2021, 2022]
+    for r in record["rows"]:
+        assert 0.5 < r["dpn_jax"] <= 1 and 0.5 < r["fuxictr"] <= 1
+        assert r["diff"] == pytest.approx(r["dpn_jax"] - r["fuxictr"])
+        assert r["fuxictr_best_epoch"] <= 2 and r["dpn_jax_best_epoch"] <= 2
+    assert record["peer_options"]["hidden"] == [16] and "FuxiCTR test AUC" in text

@@ -33,7 +33,8 @@ from dpn_jax.dpo import sequence as sq
 from dpn_jax.errors import ConfigError
 from dpn_jax.models import build_model, model_options
 from dpn_jax.models.sequence_family import attention_groups, behaviour_pairs
-from dpn_jax.nn.sequence_layers import Dice, DINAttention, DynamicConv, QueryBehaviourDPO
+from dpn_jax.nn.activations import Dice
+from dpn_jax.nn.sequence_layers import DINAttention, DynamicConv, QueryBehaviourDPO
 
 # ---------------------------------------------------------------------------------------------
 # homogeneous DPO: dynamic depthwise convolution
@@ -484,9 +485,9 @@ def test_din_without_behaviours_is_a_tower():
 
 
 def test_training_reduces_the_loss():
+    from dpn_jax.metrics import logloss_from_logits
     from dpn_jax.train.config import TrainConfig
     from dpn_jax.train.loop import fit
-    from dpn_jax.train.metrics import logloss_from_logits
 
     data = tiny_dataset()
     model = build_model("din", data.schema, embedding_dim=8, hidden=(32, 16),

@@ -17,8 +17,8 @@ from test_serving_data import eval_scores, read_raw, trained_bundle
 import dpn_jax
 from dpn_jax.data.schema import OOV
 from dpn_jax.errors import DpnError
+from dpn_jax.metrics import auc, logloss_from_logits
 from dpn_jax.serving.bundle import BUNDLE_FORMAT_VERSION, BundleError, write_bundle
-from dpn_jax.train.metrics import auc, logloss_from_logits
 
 TOL = dict(rtol=1e-5, atol=1e-6)
 
@@ -160,6 +160,41 @@ def _edit(path: Path, **changes) -> None:
     path.write_text(json.dumps(doc))
 
 
+def _list_outside(d: Path, name: str) -> None:
+    import hashlib
+
+    outside = d.parent / "outside.json"
+    outside.write_text('{"secret": 1}')
+    _edit(d / "bundle.json", files={name: hashlib.sha256(outside.read_bytes()).hexdigest()})
+
+
+def _link_outside(d: Path, name: str) -> None:
+    outside = d.parent / f"outside-{name}"
+    shutil.copyfile(d / name, outside)  # the same bytes: its checksum still matches
+    (d / name).unlink()
+    (d / name).symlink_to(outside)
+
+
+@pytest.mark.parametrize("escape", [
+    lambda d: _list_outside(d, "../outside.json"),
+    lambda d: _list_outside(d, str(d.parent / "outside.json")),
+    lambda d: _link_outside(d, "model.json"),
+    lambda d: _link_outside(d, "bundle.json"),
+], ids=["dot-dot", "absolute", "symlinked-part", "symlinked-manifest"])  # fmt: skip
+def test_bundle_files_must_stay_inside_the_bundle(bundle: Path, tmp_path: Path, capsys, escape) -> None:
+    from dpn_jax.cli import main
+
+    d = _copy(bundle, tmp_path)
+    escape(d)
+    with pytest.raises(BundleError, match=r"bundle\.json: bundle file '.+' is not inside the bundle folder"):
+        dpn_jax.load(d)
+    src = bundle.parent / "test.csv"
+    assert main(["predict", "--model", str(d), "--input", str(src), "--output", str(tmp_path / "o.csv")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not inside the bundle folder" in err[0] and "Traceback" not in err[0]
+    assert not (tmp_path / "o.csv").exists()
+
+
 def test_consistent_checksums_still_need_matching_parameters(bundle: Path, tmp_path: Path) -> None:
     """A config edited AND re-checksummed no longer fits the parameters: rejected, not mis-scored."""
     import hashlib
@@ -196,8 +231,8 @@ def test_synthetic_bundle_takes_value_indices_or_encoded_arrays(tmp_path: Path, 
 def test_an_option_a_bundle_predates_gets_its_legacy_value() -> None:
     """dpn_field bundles saved before ``context_norm`` existed had no context LayerNorm: they
     rebuild without one (and load); a bundle that records the option keeps its value."""
+    from dpn_jax.benchmark.schemas import frappe_like_schema
     from dpn_jax.models import legacy_options, model_options
-    from dpn_jax.serving.latency import frappe_like_schema
     from dpn_jax.serving.predictor import rebuild_model
 
     schema = frappe_like_schema()

@@ -83,7 +83,7 @@ _BUNDLES: dict[str, Path] = {}
 
 
 def trained_bundle(tmp_path_factory, model: str = "dnn") -> Path:
-    """Train once per session through the public API (``dpn_jax.train``) into a bundle."""
+    """Train once per session through the public API (``dpn_jax.train_model``) into a bundle."""
     if model not in _BUNDLES:
         root = tmp_path_factory.mktemp(f"serving-{model}")
         spec = write_serving_data(root)
@@ -93,8 +93,8 @@ def trained_bundle(tmp_path_factory, model: str = "dnn") -> Path:
         old = jax.config.values["jax_disable_most_optimizations"]
         jax.config.update("jax_disable_most_optimizations", True)
         try:
-            dpn_jax.train(model, str(spec), sets=sets, out=root / "bundle", progress=False,
-                          log=lambda s: None)
+            dpn_jax.train_model(model, str(spec), sets=sets, out=root / "bundle", progress=False,
+                                log=lambda s: None)
         finally:
             jax.config.update("jax_disable_most_optimizations", old)
         _BUNDLES[model] = root / "bundle"
@@ -133,13 +133,19 @@ def test_standalone_encoder_matches_training_encoding(tmp_path: Path) -> None:
         np.testing.assert_array_equal(theirs[key], ds.test[key], err_msg=key)
 
 
-def test_top_level_api_is_lazy_and_train_is_callable() -> None:
+def test_top_level_api_is_lazy_and_train_is_the_package() -> None:
     import importlib
 
     import dpn_jax.train.loop  # noqa: F401  (the subpackage keeps working)
+    from dpn_jax.runner import run_train
 
-    assert callable(dpn_jax.train) and dpn_jax.train is sys.modules["dpn_jax.train"]
+    assert dpn_jax.train_model is run_train
+    assert dpn_jax.train is sys.modules["dpn_jax.train"] and not callable(dpn_jax.train)
+    assert type(dpn_jax.train) is type(sys) and type(dpn_jax) is type(sys)  # plain modules
     assert dpn_jax.train.loop.fit is importlib.import_module("dpn_jax.train.loop").fit
     from dpn_jax.serving.predictor import load
 
     assert dpn_jax.load is load
+    from dpn_jax.tuning import run_tune
+
+    assert dpn_jax.tune is run_tune

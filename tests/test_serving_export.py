@@ -178,7 +178,7 @@ def test_behaviour_model_round_trips_through_bundle_and_export(tmp_path_factory)
 
 
 def test_latency_uses_a_behaviour_schema_for_sequence_models() -> None:
-    from dpn_jax.serving.latency import behaviour_like_schema, is_behaviour_model, random_batch
+    from dpn_jax.benchmark.schemas import behaviour_like_schema, is_behaviour_model, random_batch
 
     assert is_behaviour_model("dyjoint") and is_behaviour_model("din") and not is_behaviour_model("dpn")
     schema = behaviour_like_schema()

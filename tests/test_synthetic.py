@@ -10,7 +10,7 @@ from sklearn.preprocessing import OneHotEncoder
 from dpn_jax.data.schema import Dataset
 from dpn_jax.data.synthetic import UNIT, make_synthetic
 from dpn_jax.errors import ConfigError
-from dpn_jax.train.metrics import auc
+from dpn_jax.metrics import auc
 
 
 @pytest.fixture(scope="module")

@@ -596,9 +596,9 @@ def test_bst_is_bst_dpo_without_dpo():
 
 
 def test_training_reduces_the_loss():
+    from dpn_jax.metrics import logloss_from_logits
     from dpn_jax.train.config import TrainConfig
     from dpn_jax.train.loop import fit
-    from dpn_jax.train.metrics import logloss_from_logits
 
     data = tiny_dataset()
     model = build_model("kfatt", data.schema, embedding_dim=8, hidden=(32, 16))

@@ -22,11 +22,12 @@ from typing import Any, NamedTuple
 import jax
 
 from dpn_jax.benchmark import measure
+from dpn_jax.benchmark.schemas import is_behaviour_model, random_batch, schema_for
 from dpn_jax.benchmark.workloads import WORKLOADS, get_workload
 from dpn_jax.errors import ConfigError
 from dpn_jax.models import available_models, model_options
 from dpn_jax.nn.precision import dense_dot_general
-from dpn_jax.serving.latency import is_behaviour_model
+from dpn_jax.serving import latency
 from dpn_jax.train.config import TrainConfig
 
 DEFAULT_MODELS = ("dnn", "dpn", "dpn_field", "dcnv2", "din", "dien")
@@ -59,6 +60,21 @@ def _versions() -> dict[str, str]:
     from dpn_jax.runner import versions
 
     return versions()
+
+
+def run_latency(models: Sequence[str], batches: Sequence[int], requests: int,
+                bundle: str | None = None, log: Callable[[str], None] | None = None) -> list[dict]:
+    """``dpn-jax bench --latency``: :func:`dpn_jax.serving.latency.bench_latency` of a bundle's
+    model, or of each of ``models`` freshly initialised on its made-up schema
+    (:func:`~dpn_jax.benchmark.schemas.schema_for`), on random rows."""
+    latency.check_request_sizes(batches, requests)
+    if bundle is not None:
+        from dpn_jax.serving.predictor import load
+
+        predictors = [load(bundle)]
+    else:
+        predictors = [latency.fresh_predictor(m, schema_for(m)) for m in models]
+    return latency.bench_latency(predictors, batches, requests, random_batch, log=log)
 
 
 def workloads_for(model: str, asked: Sequence[str] | None) -> list[str]:

@@ -4,12 +4,11 @@ Throughput does not depend on what the model learns, only on shapes and on how i
 sparse optimiser and the gather's cache behaviour do), so rows are random ids drawn per field
 from a Zipf law instead of a real dataset:
 
-- ``criteo``: 39 categorical fields sharing a 1,000,000-row vocabulary (25,641 ids per field, the
-  last field takes the remainder), ids Zipf(1.05) within a field -- Criteo's shape (13 numeric
-  fields bucketised plus 26 categorical ones) without its licence.
-- ``frappe``: Frappe's 10 fields and 5,382 feature values (uniform ids: its fields are small).
-- ``behaviour``: an Amazon-Grocery-like behaviour schema (user, item, category and histories of
-  50) for the sequence models.
+- ``criteo``: :func:`~dpn_jax.benchmark.schemas.criteo_like_schema` (25,641 ids per field), ids
+  Zipf(1.05) within a field;
+- ``frappe``: :func:`~dpn_jax.benchmark.schemas.frappe_like_schema` (uniform ids: its fields are
+  small);
+- ``behaviour``: :func:`~dpn_jax.benchmark.schemas.behaviour_like_schema` for the sequence models.
 """
 
 from __future__ import annotations
@@ -18,23 +17,16 @@ import dataclasses
 
 import numpy as np
 
-from dpn_jax.data.schema import FIRST, FieldInfo, Schema
+from dpn_jax.benchmark.schemas import (
+    behaviour_like_schema,
+    criteo_like_schema,
+    frappe_like_schema,
+    random_batch,
+)
+from dpn_jax.data.schema import FIRST, Schema
 from dpn_jax.errors import ConfigError
-from dpn_jax.serving.latency import behaviour_like_schema, frappe_like_schema, random_batch
 
-CRITEO_FIELDS = 39
-CRITEO_VOCAB = 1_000_000
 ZIPF = 1.05
-
-
-def criteo_like_schema(fields: int = CRITEO_FIELDS, vocab: int = CRITEO_VOCAB) -> Schema:
-    per = vocab // fields
-    sizes = [per] * (fields - 1) + [vocab - per * (fields - 1)]
-    infos, offset = [], 0
-    for i, v in enumerate(sizes):
-        infos.append(FieldInfo(f"C{i + 1}", "cat", column=i, offset=offset, vocab_size=v + FIRST))
-        offset += v + FIRST
-    return Schema(fields=tuple(infos), table_size=offset)
 
 
 def zipf_ids(rng: np.random.Generator, vocab: int, rows: int, a: float = ZIPF) -> np.ndarray:

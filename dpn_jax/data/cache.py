@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dpn_jax import faults
 from dpn_jax.data import integrity
 from dpn_jax.data.encode import ENCODER_VERSION
 from dpn_jax.data.schema import Dataset, Schema, Split
@@ -87,6 +88,7 @@ def save(ds: Dataset, directory: str | Path) -> Path:
             json.dumps(meta), encoding="utf-8"
         )  # last: marks completeness
         try:
+            faults.point("rename")
             os.rename(tmp, final)
         except OSError:
             if not (final / "meta.json").is_file():  # not a concurrent writer's finished copy

@@ -35,6 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from dpn_jax import faults
 from dpn_jax.data import cache, integrity
 from dpn_jax.data.encode import (
     FieldEncoder,
@@ -301,6 +302,7 @@ def encode_stream(
                 "meta": full_meta,
             }), encoding="utf-8")  # fmt: skip
             try:
+                faults.point("rename")
                 os.rename(tmp, final)
             except OSError:
                 if not (final / "meta.json").is_file():
@@ -367,6 +369,7 @@ def _write(enc: FittedEncoders, rows: list[int], source: ChunkSource, tmp: Path,
             dst["num"].append(num[sel])
             dst["label"].append(chunk.label[sel])
             cursor[r] = hi
+        faults.point("chunk")
     if cursor != rows:
         raise DataError(f"{name}: the source changed between the two passes ({cursor} rows "
                         f"the second time, {rows} the first); prepare again")  # fmt: skip

@@ -53,7 +53,7 @@ import numpy as np
 
 from dpn_jax.data.schema import FIRST, Dataset, FieldInfo, Schema, Split
 from dpn_jax.errors import ConfigError
-from dpn_jax.train.metrics import auc
+from dpn_jax.metrics import auc
 
 __all__ = ["UNIT", "make_synthetic"]
 

@@ -53,7 +53,7 @@ ACTIVATIONS: dict[str, Activation] = {
     "gelu": jax.nn.gelu,
     "silu": jax.nn.silu,
     "identity": lambda h: h,
-    "linear": lambda h: h,  # alias used by nn/mlp.py
+    "linear": lambda h: h,  # the towers' name for it (nn/mlp.py)
 }
 
 GENERATORS = ("lowrank", "hyperdense", "multihead", "mixture", "diagonal", "rank1")

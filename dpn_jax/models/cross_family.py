@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from dpn_jax.data.schema import Schema
 from dpn_jax.errors import ConfigError
+from dpn_jax.models.bases import ProtocolTower
 from dpn_jax.models.linear import LinearTerm
 from dpn_jax.models.registry import register
 from dpn_jax.nn.cross_layers import CIN, CrossNet, CrossNetV2
@@ -48,7 +49,7 @@ class CrossNetModel(nn.Module):
 
 
 @register("dcn")
-class DCN(nn.Module):
+class DCN(ProtocolTower, CrossNetModel):
     """Deep & Cross Network: CrossNet and a DNN in parallel, concatenated into one logit.
 
     Wang et al., ADKDD 2017 (Eqn. 3 cross layers; its combination layer
@@ -56,23 +57,13 @@ class DCN(nn.Module):
     of 400-400-400 with BatchNorm and ReLU (BARS DCN_frappe_x1, the AFN/BARS protocol); dropout
     off like the ``dnn`` baseline (BARS's tuned run used 0.2: ``--set dropout=0.2``)."""
 
-    schema: Schema
-    embedding_dim: int = 10
-    num_layers: int = 3
-    hidden: Sequence[int] = (400, 400, 400)
-    batch_norm: bool = True
-    dropout: float = 0.0
-    act: str = "relu"
-    bn_momentum: float = 0.9
-
     @nn.compact
     def __call__(self, batch, train: bool = False) -> jnp.ndarray:
         e = FieldEmbedding(self.schema, dim=self.embedding_dim, name="embedding")(batch)
         x0 = _flat(e)
         parts = [CrossNet(self.num_layers, name="cross")(x0)]
         if self.hidden:
-            parts.append(MLP(tuple(self.hidden), self.batch_norm, self.dropout, self.act,
-                             self.bn_momentum, name="mlp")(x0, train))
+            parts.append(self.tower(name="mlp")(x0, train))
         return nn.Dense(1, name="out")(jnp.concatenate(parts, axis=-1))[:, 0]
 
 
@@ -147,7 +138,7 @@ class CINModel(nn.Module):
 
 
 @register("xdeepfm")
-class XDeepFM(nn.Module):
+class XDeepFM(ProtocolTower, CINModel):
     """xDeepFM: linear term + CIN + DNN, combined into one logit.
 
     Lian et al., KDD 2018, Eqn. 9: ``w_lin^T a + w_dnn^T x_dnn + w_cin^T p+ + b``, here
@@ -156,21 +147,11 @@ class XDeepFM(nn.Module):
     AFN/BARS protocol), dropout off; ``cin_layer_sizes=(200, 200, 200)`` as for ``cin`` (the
     paper's Criteo setting; BARS's tuned xDeepFM_frappe_x1 uses a single layer of 64)."""
 
-    schema: Schema
-    embedding_dim: int = 10
-    cin_layer_sizes: Sequence[int] = (200, 200, 200)
-    hidden: Sequence[int] = (400, 400, 400)
-    batch_norm: bool = True
-    dropout: float = 0.0
-    act: str = "relu"
-    bn_momentum: float = 0.9
-
     @nn.compact
     def __call__(self, batch, train: bool = False) -> jnp.ndarray:
         e = FieldEmbedding(self.schema, dim=self.embedding_dim, name="embedding")(batch)
         parts = [CIN(tuple(self.cin_layer_sizes), name="cin")(e)]
         if self.hidden:
-            parts.append(MLP(tuple(self.hidden), self.batch_norm, self.dropout, self.act,
-                             self.bn_momentum, name="mlp")(_flat(e), train))
+            parts.append(self.tower(name="mlp")(_flat(e), train))
         logit = nn.Dense(1, name="out")(jnp.concatenate(parts, axis=-1))[:, 0]
         return LinearTerm(self.schema, name="linear")(batch) + logit

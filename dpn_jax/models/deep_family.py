@@ -15,12 +15,12 @@ import jax.numpy as jnp
 
 from dpn_jax.data.schema import Schema
 from dpn_jax.errors import ConfigError
+from dpn_jax.models.bases import ProtocolTower
 from dpn_jax.models.registry import register
 from dpn_jax.nn.afn_layers import DEFAULT_EPS, LogarithmicTransform
-from dpn_jax.nn.attention_layers import APGDense, BilinearFusion, FeatureGate, InteractingLayer
-from dpn_jax.nn.dropout import Dropout16, dropout_active
+from dpn_jax.nn.attention_layers import APGTower, BilinearFusion, FeatureGate, InteractingLayer
 from dpn_jax.nn.embedding import FieldEmbedding, embedded_field_names
-from dpn_jax.nn.mlp import MLP, activation
+from dpn_jax.nn.mlp import MLP
 
 
 def _flat(e: jnp.ndarray) -> jnp.ndarray:
@@ -39,25 +39,19 @@ def _field_indices(schema: Schema, names: str, option: str) -> tuple[int, ...]:
     return tuple(order.index(n) for n in names)
 
 
-def _dnn_logit(module: nn.Module, x: jnp.ndarray, hidden: Sequence[int], train: bool,
-               prefix: str = "") -> jnp.ndarray:
-    """The protocol DNN tower + output unit, as submodules of ``module`` -> ``[B]``."""
-    h = MLP(tuple(hidden), module.batch_norm, module.dropout, module.act, module.bn_momentum,
-            name=f"{prefix}mlp")(x, train)
-    return nn.Dense(1, name=f"{prefix}out")(h)[:, 0]
+def _logit(tower: MLP, x: jnp.ndarray, train: bool, out: str) -> jnp.ndarray:
+    """A tower and its output unit ``out`` -> ``[B]``."""
+    return nn.Dense(1, name=out)(tower(x, train))[:, 0]
+
+
+def _afn_logit(e: jnp.ndarray, log_net: LogarithmicTransform, tower: MLP, train: bool) -> jnp.ndarray:
+    """AFN: the logarithmic neurons' cross features of ``e [B,F,d]`` -> tower -> unit ``out``."""
+    return _logit(tower, _flat(log_net(e, train)), train, "out")
 
 
 # ---------------------------------------------------------------------------------------------
 # AutoInt / AutoInt+
 # ---------------------------------------------------------------------------------------------
-
-
-def _autoint_logit(m: nn.Module, e: jnp.ndarray) -> jnp.ndarray:
-    h = e
-    for i in range(m.attention_layers):
-        h = InteractingLayer(m.attention_dim, m.num_heads, m.use_residual, m.use_scale,
-                             name=f"attention_{i}")(h)
-    return nn.Dense(1, name="attention_out")(_flat(h))[:, 0]
 
 
 @register("autoint")
@@ -84,14 +78,20 @@ class AutoInt(nn.Module):
     use_residual: bool = True
     use_scale: bool = False
 
+    def attention_logit(self, e: jnp.ndarray) -> jnp.ndarray:
+        for i in range(self.attention_layers):
+            e = InteractingLayer(self.attention_dim, self.num_heads, self.use_residual,
+                                 self.use_scale, name=f"attention_{i}")(e)
+        return nn.Dense(1, name="attention_out")(_flat(e))[:, 0]
+
     @nn.compact
     def __call__(self, batch, train: bool = False) -> jnp.ndarray:
         e = FieldEmbedding(self.schema, dim=self.embedding_dim, name="embedding")(batch)
-        return _autoint_logit(self, e)
+        return self.attention_logit(e)
 
 
 @register("autoint_plus")
-class AutoIntPlus(nn.Module):
+class AutoIntPlus(ProtocolTower, AutoInt):
     """AutoInt+: AutoInt's attention stack plus a parallel DNN 400-400-400 on the same embeddings.
 
     Song et al., CIKM 2019 (the AutoInt+ variant, jointly trained with a feed-forward network).
@@ -100,35 +100,16 @@ class AutoIntPlus(nn.Module):
     dropout (the AFN/BARS protocol tower; BARS's AutoInt+ Frappe config also uses 400-400-400+BN).
     """
 
-    schema: Schema
-    embedding_dim: int = 10
-    attention_layers: int = 3
-    num_heads: int = 2
-    attention_dim: int = 64
-    use_residual: bool = True
-    use_scale: bool = False
-    hidden: Sequence[int] = (400, 400, 400)
-    batch_norm: bool = True
-    dropout: float = 0.0
-    act: str = "relu"
-    bn_momentum: float = 0.9
-
     @nn.compact
     def __call__(self, batch, train: bool = False) -> jnp.ndarray:
         e = FieldEmbedding(self.schema, dim=self.embedding_dim, name="embedding")(batch)
-        return _autoint_logit(self, e) + _dnn_logit(self, _flat(e), self.hidden, train, "dnn_")
+        return self.attention_logit(e) + _logit(self.tower(name="dnn_mlp"), _flat(e), train,
+                                                "dnn_out")
 
 
 # ---------------------------------------------------------------------------------------------
 # AFN / AFN+
 # ---------------------------------------------------------------------------------------------
-
-
-def _afn_logit(m: nn.Module, batch, train: bool) -> jnp.ndarray:
-    e = FieldEmbedding(m.schema, dim=m.embedding_dim, name="embedding")(batch)
-    h = LogarithmicTransform(m.log_neurons, m.log_eps, m.batch_norm, m.bn_momentum,
-                             name="log_net")(e, train)
-    return _dnn_logit(m, _flat(h), m.hidden, train)
 
 
 @register("afn")
@@ -156,9 +137,16 @@ class AFN(nn.Module):
     act: str = "relu"
     bn_momentum: float = 0.9
 
+    def mlp(self, hidden: Sequence[int], name: str) -> MLP:
+        return MLP(tuple(hidden), self.batch_norm, self.dropout, self.act, self.bn_momentum,
+                   name=name)
+
     @nn.compact
     def __call__(self, batch, train: bool = False) -> jnp.ndarray:
-        return _afn_logit(self, batch, train)
+        e = FieldEmbedding(self.schema, dim=self.embedding_dim, name="embedding")(batch)
+        log_net = LogarithmicTransform(self.log_neurons, self.log_eps, self.batch_norm,
+                                       self.bn_momentum, name="log_net")
+        return _afn_logit(e, log_net, self.mlp(self.hidden, "mlp"), train)
 
 
 @register("afn_plus")
@@ -186,11 +174,18 @@ class AFNPlus(nn.Module):
     act: str = "relu"
     bn_momentum: float = 0.9
 
+    def mlp(self, hidden: Sequence[int], name: str) -> MLP:
+        return MLP(tuple(hidden), self.batch_norm, self.dropout, self.act, self.bn_momentum,
+                   name=name)
+
     @nn.compact
     def __call__(self, batch, train: bool = False) -> jnp.ndarray:
-        y_afn = _afn_logit(self, batch, train)
+        e = FieldEmbedding(self.schema, dim=self.embedding_dim, name="embedding")(batch)
+        log_net = LogarithmicTransform(self.log_neurons, self.log_eps, self.batch_norm,
+                                       self.bn_momentum, name="log_net")
+        y_afn = _afn_logit(e, log_net, self.mlp(self.hidden, "mlp"), train)
         e2 = FieldEmbedding(self.schema, dim=self.embedding_dim, name="dnn_embedding")(batch)
-        y_dnn = _dnn_logit(self, _flat(e2), self.dnn_hidden, train, "dnn_")
+        y_dnn = _logit(self.mlp(self.dnn_hidden, "dnn_mlp"), _flat(e2), train, "dnn_out")
         w = self.param("ensemble_weights", nn.initializers.constant(0.5), (2,))
         b = self.param("ensemble_bias", nn.initializers.zeros, ())
         return w[0] * y_afn + w[1] * y_dnn + b
@@ -272,7 +267,7 @@ class APG(nn.Module):
     feed-forwarding ``y = ((x U) S(z)) V + b(z)``, parameter sharing (only the ``K x K`` core
     ``S`` and the bias are generated), over-parameterisation ``U = U_l U_r, V = V_l V_r``
     (``overparam = P``; 0 = off). Each of the ``hidden`` layers is an ``APGDense`` followed by
-    BatchNorm, ReLU and dropout (the protocol tower), then a static output unit.
+    BatchNorm, ReLU and dropout (the protocol tower, ``APGTower``), then a static output unit.
 
     Condition ``z``: ``condition_mode="group"`` (default) uses the concatenated embeddings of
     ``condition_fields`` (comma-separated; empty = all fields) for every layer; ``"self"`` uses each layer's input
@@ -302,7 +297,6 @@ class APG(nn.Module):
     def __call__(self, batch, train: bool = False) -> jnp.ndarray:
         if self.condition_mode not in ("group", "self"):
             raise ConfigError(f"condition_mode={self.condition_mode!r}: choose 'group' or 'self'")
-        f = activation(self.act)
         e = FieldEmbedding(self.schema, dim=self.embedding_dim, name="embedding")(batch)
         x = _flat(e)
         z = None
@@ -311,13 +305,9 @@ class APG(nn.Module):
             if self.condition_fields.strip():
                 idx = _field_indices(self.schema, self.condition_fields, "condition_fields")
                 z = _flat(e[:, jnp.asarray(idx)])
-        for i, width in enumerate(self.hidden):
-            x = APGDense(width, self.rank, self.overparam, tuple(self.hypernet_hidden),
-                         self.generate_bias, name=f"apg_{i}")(x, x if z is None else z)
-            if self.batch_norm:
-                x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
-                                 name=f"bn_{i}")(x)
-            x = f(x)
-            if dropout_active(self.dropout):
-                x = Dropout16(self.dropout)(x, deterministic=not train)
-        return nn.Dense(1, name="out")(x)[:, 0]
+        tower = APGTower(tuple(self.hidden), self.batch_norm, self.dropout, self.act,
+                         self.bn_momentum, rank=self.rank, overparam=self.overparam,
+                         hypernet_hidden=tuple(self.hypernet_hidden),
+                         generate_bias=self.generate_bias, name="tower")
+        nn.share_scope(self, tower)  # its layers stay at the top level, where saved models have them
+        return nn.Dense(1, name="out")(tower(x, z, train))[:, 0]

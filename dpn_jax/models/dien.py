@@ -37,20 +37,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dpn_jax.data.schema import Schema
 from dpn_jax.dpo.sequence import masked_mean
 from dpn_jax.errors import ConfigError
+from dpn_jax.models.bases import BehaviourModel
 from dpn_jax.models.registry import register
-from dpn_jax.models.sequence_family import SequenceTower, attention_groups, with_interests
+from dpn_jax.models.sequence_family import AttentionDPO, attention_groups, with_interests
+from dpn_jax.nn.activations import Activation, PReLU, check_activation
 from dpn_jax.nn.embedding import FieldEmbedding
 from dpn_jax.nn.recurrent_layers import EVOLUTIONS, GRU
-from dpn_jax.nn.sequence_layers import (
-    DIN_WEIGHT_NORMS,
-    Activation,
-    DINAttention,
-    PReLU,
-    check_activation,
-)
+from dpn_jax.nn.sequence_layers import DIN_WEIGHT_NORMS, DINAttention
 
 Array = jax.Array
 AUX_LOSS_NAME = "dien_aux"
@@ -101,7 +96,7 @@ class AuxiliaryNet(nn.Module):
 
 
 @register("dien")
-class DIEN(nn.Module):
+class DIEN(BehaviourModel):
     """Deep Interest Evolution Network: GRU interest extractor, auxiliary loss, AUGRU evolution.
 
     Zhou et al., AAAI 2019 (the formulas are in the docstring of :mod:`dpn_jax.models.dien`).  Per
@@ -123,13 +118,6 @@ class DIEN(nn.Module):
     (DIEN's ``din_fcn_attention``: Dense to the interest size, then PReLU starting at 0).  What
     these options do to the trained attention: docs/results/behaviour_models.md, §'Table 5'."""
 
-    schema: Schema
-    embedding_dim: int = 10
-    hidden: Sequence[int] = (200, 80)
-    act: str = "dice"
-    batch_norm: bool = False
-    dropout: float = 0.0
-    bn_momentum: float = 0.9
     attention_hidden: Sequence[int] = (80, 40)
     attention_act: str = "sigmoid"
     attention_groups: str = "joint"
@@ -142,9 +130,14 @@ class DIEN(nn.Module):
     attention_norm: str = "softmax"
     query_transform: str = "auto"
 
+    def attention_dpo(self) -> dict:
+        """The attention unit's DPO options (none: DIEN's static unit)."""
+        return {}
+
     def attention_unit(self, name: str) -> DINAttention:
         return DINAttention(tuple(self.attention_hidden), self.attention_act, self.attention_norm,
-                            self.bn_momentum, scale=self.attention_scale, name=name)
+                            self.bn_momentum, **self.attention_dpo(), scale=self.attention_scale,
+                            name=name)
 
     def check_options(self) -> None:
         check_activation(self.act)
@@ -210,13 +203,12 @@ class DIEN(nn.Module):
             self.sow("losses", AUX_LOSS_NAME, self.aux_loss_weight * sum(aux))
             self.sow("intermediates", "dien_negative_rows", neg_idx)  # for inspection
         x = jnp.concatenate([e.reshape(bsz, -1), *interests], axis=-1)
-        h = SequenceTower(tuple(self.hidden), self.act, self.batch_norm, self.dropout,
-                          self.bn_momentum, name="mlp")(x, train)
+        h = self.tower()(x, train)
         return nn.Dense(1, name="out")(h)[:, 0]
 
 
 @register("dien_dpo")
-class DIENDPO(DIEN):
+class DIENDPO(AttentionDPO, DIEN):
     """DIEN armed with the heterogeneous query-behaviour DPO in its attention unit (Table 5,
     "DPO-armed DIEN").
 
@@ -226,15 +218,3 @@ class DIENDPO(DIEN):
     ``dpo_input="features"`` (default) applies it to DIN's ``[q, h_i, q−h_i, q⊙h_i]`` (its static
     kernel is DIEN's first attention layer: dien_dpo ⊇ dien); ``"behaviour"`` to the interest
     state ``h_i`` alone.  Everything else as ``dien``."""
-
-    generator: str = "lowrank"
-    rank: int = 4
-    heads: int = 1
-    num_kernels: int = 4
-    dpo_input: str = "features"
-
-    def attention_unit(self, name: str) -> DINAttention:
-        return DINAttention(tuple(self.attention_hidden), self.attention_act, self.attention_norm,
-                            self.bn_momentum, dpo=True, dpo_input=self.dpo_input,
-                            generator=self.generator, rank=self.rank, heads=self.heads,
-                            num_kernels=self.num_kernels, scale=self.attention_scale, name=name)

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import flax.linen as nn
 import jax.numpy as jnp
 
-from dpn_jax.data.schema import Schema
+from dpn_jax.models.bases import ProtocolModel
 from dpn_jax.models.registry import register
 from dpn_jax.nn.embedding import FieldEmbedding
-from dpn_jax.nn.mlp import MLP
 
 
 @register("dnn")
-class DNN(nn.Module):
+class DNN(ProtocolModel):
     """Embedding -> MLP 400-400-400 (BatchNorm, ReLU, dropout) -> logit.
 
     Defaults follow the AFN paper (AAAI 2020, Sec. 4.1) and BARS: embedding 10, three hidden
@@ -24,19 +21,11 @@ class DNN(nn.Module):
     products computed by MKL on the CPU, with AMX where the CPU has it
     (:mod:`dpn_jax.nn.mkl_matmul`)."""
 
-    schema: Schema
-    embedding_dim: int = 10
-    hidden: Sequence[int] = (400, 400, 400)
-    batch_norm: bool = True
-    dropout: float = 0.0
-    act: str = "relu"
-    bn_momentum: float = 0.9
     matmul_dtype: str = "float32"
 
     @nn.compact
     def __call__(self, batch, train: bool = False) -> jnp.ndarray:
         e = FieldEmbedding(self.schema, dim=self.embedding_dim, name="embedding")(batch)
         h = e.reshape(e.shape[0], -1)
-        h = MLP(tuple(self.hidden), self.batch_norm, self.dropout, self.act, self.bn_momentum,
-                matmul_dtype=self.matmul_dtype, name="mlp")(h, train)
+        h = self.tower(matmul_dtype=self.matmul_dtype, name="mlp")(h, train)
         return nn.Dense(1, name="out")(h)[:, 0]

@@ -8,82 +8,15 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from dpn_jax.data.schema import Schema
-from dpn_jax.errors import ConfigError
+from dpn_jax.models.bases import FeatureDPNModel
 from dpn_jax.models.registry import register
-from dpn_jax.nn.dpo_context import FieldContextDPO
-from dpn_jax.nn.dpo_layers import FeatureDPO, FieldDPO
-from dpn_jax.nn.dropout import Dropout16, dropout_active
-from dpn_jax.nn.embedding import FieldEmbedding, embedded_field_names
-from dpn_jax.nn.mlp import MLP, activation
-from dpn_jax.nn.precision import dense_dot_general
-
-
-def dpo_layer_indices(spec: str, depth: int) -> frozenset[int]:
-    """``"first"`` | ``"second"`` | ``"all"`` | ``"1,3"`` (1-based) -> 0-based layer indices."""
-    named = {"first": {0}, "second": {1}, "last": {depth - 1}, "all": set(range(depth))}
-    if spec in named:
-        out = named[spec]
-    else:
-        try:
-            out = {int(s) - 1 for s in spec.split(",") if s.strip()}
-        except ValueError:
-            out = None
-    if not out or any(not 0 <= i < depth for i in out):
-        raise ConfigError(f"dpo_layers={spec!r}: expected first, second, last, all or 1-based "
-                          f"layer numbers in 1..{depth} such as '1,2'")
-    return frozenset(out)
-
-
-def context_fields(spec: str, schema: Schema) -> list[int] | None:
-    """Field indices named by ``context`` (None for "input" / "other_fields")."""
-    if spec in ("input", "other_fields"):
-        return None
-    names = embedded_field_names(schema)
-    wanted = [s.strip() for s in spec.split(",") if s.strip()]
-    unknown = [w for w in wanted if w not in names]
-    if unknown or not wanted:
-        raise ConfigError(f"context={spec!r}: unknown field(s) {unknown}; use input, other_fields "
-                          f"or comma-separated fields of this dataset: {', '.join(names)}")
-    return [names.index(w) for w in wanted]
-
-
-def dpn_tower(m: nn.Module, e: jnp.ndarray, train: bool, *, generator_heads: int) -> jnp.ndarray:
-    """The hidden layers of the feature DPN over field slots ``e [B,F,d]`` -> ``[B, hidden[-1]]``.
-
-    Called inside the compact ``__call__`` of ``m`` (``DPN``, ``DyJoint``), so the layers are
-    ``m``'s own submodules named ``dpo_<i>``/``dense_<i>``/``bn_<i>``; ``m`` supplies ``schema``,
-    ``hidden``, ``batch_norm``, ``dropout``, ``act``, ``bn_momentum``, ``dpo_layers``, ``context``,
-    ``generator``, ``rank``, ``num_kernels``, ``context_norm``."""
-    hidden = tuple(m.hidden)
-    layers = dpo_layer_indices(m.dpo_layers, len(hidden))
-    ctx_idx = context_fields(m.context, m.schema)
-    flat = e.reshape(e.shape[0], -1)
-    z = flat if ctx_idx is None else e[:, jnp.asarray(ctx_idx)].reshape(e.shape[0], -1)
-    matmul_dtype = getattr(m, "matmul_dtype", "float32")
-    gen_kw = dict(generator=m.generator, rank=m.rank, heads=generator_heads,
-                  num_kernels=m.num_kernels, use_bias=not m.batch_norm,
-                  context_norm=m.context_norm, matmul_dtype=matmul_dtype)
-    f = activation(m.act)
-    h = flat
-    for i, width in enumerate(hidden):
-        if i in layers and i == 0 and m.context == "other_fields":
-            h = FieldContextDPO(width, **gen_kw, name=f"dpo_{i}")(e)
-        elif i in layers:
-            h = FeatureDPO(width, **gen_kw, name=f"dpo_{i}")(h, z)
-        else:
-            h = nn.Dense(width, use_bias=not m.batch_norm, dot_general=dense_dot_general(matmul_dtype),
-                         kernel_init=nn.initializers.glorot_normal(), name=f"dense_{i}")(h)
-        if m.batch_norm:
-            h = nn.BatchNorm(use_running_average=not train, momentum=m.bn_momentum,
-                             name=f"bn_{i}")(h)
-        h = f(h)
-        if dropout_active(m.dropout):
-            h = Dropout16(m.dropout)(h, deterministic=not train)
-    return h
+from dpn_jax.nn.dpo_layers import FieldDPO
+from dpn_jax.nn.embedding import FieldEmbedding
+from dpn_jax.nn.mlp import MLP
 
 
 @register("dpn")
-class DPN(nn.Module):
+class DPN(FeatureDPNModel):
     """Feature-based DPN ("DyMLP"): the DNN with DPO layers y = W(z)x + b(z) in place of dense ones.
 
     Paper §2.2-2.3 and Table 2 (docs/dpo_math.md, §'Feature-based DPO'): the first fully connected layer (``dpo_layers``:
@@ -95,17 +28,6 @@ class DPN(nn.Module):
     10, 400-400-400, BatchNorm, ReLU. ``matmul_dtype`` (as ``dnn``'s; single-head lowrank):
     the DPO layer's fused product and the dense layers' products in bfloat16."""
 
-    schema: Schema
-    embedding_dim: int = 10
-    hidden: Sequence[int] = (400, 400, 400)
-    batch_norm: bool = True
-    dropout: float = 0.0
-    act: str = "relu"
-    bn_momentum: float = 0.9
-    dpo_layers: str = "first"
-    context: str = "input"
-    generator: str = "lowrank"
-    rank: int = 4
     heads: int = 1
     num_kernels: int = 4
     context_norm: bool = False
@@ -114,7 +36,8 @@ class DPN(nn.Module):
     @nn.compact
     def __call__(self, batch, train: bool = False) -> jnp.ndarray:
         e = FieldEmbedding(self.schema, dim=self.embedding_dim, name="embedding")(batch)
-        h = dpn_tower(self, e, train, generator_heads=self.heads)
+        h = self.dpn_tower(heads=self.heads, num_kernels=self.num_kernels,
+                           context_norm=self.context_norm, matmul_dtype=self.matmul_dtype)(e, train)
         return nn.Dense(1, name="out")(h)[:, 0]
 
 

@@ -7,13 +7,12 @@ live in ``dpn_jax.nn.fm_layers`` (with the math and equation numbers).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import flax.linen as nn
 import jax.numpy as jnp
 
 from dpn_jax.data.schema import Schema
 from dpn_jax.errors import ConfigError
+from dpn_jax.models.bases import ProtocolModel
 from dpn_jax.models.linear import LinearTerm
 from dpn_jax.models.registry import register
 from dpn_jax.nn.dropout import Dropout16
@@ -27,7 +26,6 @@ from dpn_jax.nn.fm_layers import (
     outer_product_sum_pooling,
     pairwise_products,
 )
-from dpn_jax.nn.mlp import MLP
 
 OUTER_PRODUCTS = ("sum_pool", "kernel")
 
@@ -102,7 +100,7 @@ class HOFM(nn.Module):
 
 
 @register("nfm")
-class NFM(nn.Module):
+class NFM(ProtocolModel):
     """Neural FM: linear term + MLP(Bi-Interaction pooling Σ_{i<j} e_i ⊙ e_j) -> logit.
 
     He & Chua, "Neural Factorization Machines for Sparse Predictive Analytics", SIGIR 2017.
@@ -118,13 +116,6 @@ class NFM(nn.Module):
     ``--set hidden=64 bi_batch_norm=true bi_dropout=0.3``.
     """
 
-    schema: Schema
-    embedding_dim: int = 10
-    hidden: Sequence[int] = (400, 400, 400)
-    batch_norm: bool = True
-    dropout: float = 0.0
-    act: str = "relu"
-    bn_momentum: float = 0.9
     bi_batch_norm: bool = False
     bi_dropout: float = 0.0
 
@@ -135,21 +126,12 @@ class NFM(nn.Module):
         if self.bi_batch_norm:
             h = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum, name="bi_bn")(h)
         h = Dropout16(self.bi_dropout)(h, deterministic=not train)
-        h = MLP(tuple(self.hidden), self.batch_norm, self.dropout, self.act, self.bn_momentum,
-                name="mlp")(h, train)
+        h = self.tower(name="mlp")(h, train)
         return LinearTerm(self.schema, name="linear")(batch) + nn.Dense(1, use_bias=False, name="out")(h)[:, 0]
 
 
-class _PNN(nn.Module):
+class _PNN(ProtocolModel):
     """Shared body of IPNN/OPNN: [flattened embeddings (l_z), product signals (l_p)] -> MLP -> logit."""
-
-    schema: Schema
-    embedding_dim: int = 10
-    hidden: Sequence[int] = (400, 400, 400)
-    batch_norm: bool = True
-    dropout: float = 0.0
-    act: str = "relu"
-    bn_momentum: float = 0.9
 
     def products(self, e: jnp.ndarray) -> jnp.ndarray:
         raise NotImplementedError
@@ -158,8 +140,7 @@ class _PNN(nn.Module):
     def __call__(self, batch, train: bool = False) -> jnp.ndarray:
         e = FieldEmbedding(self.schema, dim=self.embedding_dim, name="embedding")(batch)
         h = jnp.concatenate([e.reshape(e.shape[0], -1), self.products(e)], axis=-1)
-        h = MLP(tuple(self.hidden), self.batch_norm, self.dropout, self.act, self.bn_momentum,
-                name="mlp")(h, train)
+        h = self.tower(name="mlp")(h, train)
         return nn.Dense(1, name="out")(h)[:, 0]
 
 

@@ -15,10 +15,11 @@ import jax.numpy as jnp
 
 from dpn_jax.data.schema import Schema
 from dpn_jax.errors import ConfigError
+from dpn_jax.models.bases import BehaviourModel
 from dpn_jax.models.registry import register
-from dpn_jax.nn.dropout import Dropout16, dropout_active
+from dpn_jax.nn.activations import check_activation
 from dpn_jax.nn.embedding import FieldEmbedding, embedded_field_names
-from dpn_jax.nn.sequence_layers import DIN_WEIGHT_NORMS, Activation, DINAttention, check_activation
+from dpn_jax.nn.sequence_layers import DIN_WEIGHT_NORMS, DINAttention
 
 GROUPINGS = ("joint", "pair")
 
@@ -82,34 +83,8 @@ def with_interests(schema: Schema, grouping: str, embedding: FieldEmbedding, e: 
     return jnp.stack(slots, axis=1)
 
 
-class SequenceTower(nn.Module):
-    """Hidden layers Dense -> [BatchNorm] -> activation (dice | prelu | relu ...) -> dropout.
-
-    With ``act="relu", batch_norm=True`` it is the protocol MLP of ``nn.mlp.MLP`` (Glorot-normal
-    kernels, no bias before BatchNorm); DIN's tower is ``act="dice", batch_norm=False``."""
-
-    hidden: Sequence[int] = (200, 80)
-    act: str = "dice"
-    batch_norm: bool = False
-    dropout: float = 0.0
-    bn_momentum: float = 0.9
-
-    @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-        for i, width in enumerate(self.hidden):
-            x = nn.Dense(width, use_bias=not self.batch_norm,
-                         kernel_init=nn.initializers.glorot_normal(), name=f"dense_{i}")(x)
-            if self.batch_norm:
-                x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
-                                 name=f"bn_{i}")(x)
-            x = Activation(self.act, self.bn_momentum, name=f"act_{i}")(x, train)
-            if dropout_active(self.dropout):
-                x = Dropout16(self.dropout)(x, deterministic=not train)
-        return x
-
-
 @register("din")
-class DIN(nn.Module):
+class DIN(BehaviourModel):
     """Deep Interest Network: target-attention pooling of each behaviour history -> MLP (Dice).
 
     Zhou et al., KDD 2018.  Field embeddings of every field; for each attention unit (see
@@ -125,22 +100,19 @@ class DIN(nn.Module):
     --set act=relu --set batch_norm=true``.  A schema without behaviour pairs reduces to the
     tower over the field embeddings (DIN without behaviours)."""
 
-    schema: Schema
-    embedding_dim: int = 10
-    hidden: Sequence[int] = (200, 80)
-    act: str = "dice"
-    batch_norm: bool = False
-    dropout: float = 0.0
-    bn_momentum: float = 0.9
     attention_hidden: Sequence[int] = (80, 40)
     attention_act: str = "sigmoid"
     attention_norm: str = "none"
     attention_groups: str = "joint"
     embedding_init_std: float = 1e-4
 
+    def attention_dpo(self) -> dict:
+        """The attention unit's DPO options (none: DIN's static unit)."""
+        return {}
+
     def attention_unit(self, name: str) -> DINAttention:
         return DINAttention(tuple(self.attention_hidden), self.attention_act, self.attention_norm,
-                            self.bn_momentum, name=name)
+                            self.bn_momentum, **self.attention_dpo(), name=name)
 
     @nn.compact
     def __call__(self, batch, train: bool = False) -> jnp.ndarray:
@@ -155,13 +127,27 @@ class DIN(nn.Module):
         e = with_interests(self.schema, self.attention_groups, embedding, e, batch,
                            lambda g, q, keys, mask, ids: self.attention_unit(f"attention_{g}")(
                                q, keys, mask, train))
-        h = SequenceTower(tuple(self.hidden), self.act, self.batch_norm, self.dropout,
-                          self.bn_momentum, name="mlp")(e.reshape(e.shape[0], -1), train)
+        h = self.tower()(e.reshape(e.shape[0], -1), train)
         return nn.Dense(1, name="out")(h)[:, 0]
 
 
+class AttentionDPO(nn.Module):
+    """The options of the DPO-armed attention unit (``din_dpo``, ``dien_dpo``): a base listed
+    before the model's class, so these options follow the model's own."""
+
+    generator: str = "lowrank"
+    rank: int = 4
+    heads: int = 1
+    num_kernels: int = 4
+    dpo_input: str = "features"
+
+    def attention_dpo(self) -> dict:
+        return dict(dpo=True, dpo_input=self.dpo_input, generator=self.generator, rank=self.rank,
+                    heads=self.heads, num_kernels=self.num_kernels)
+
+
 @register("din_dpo")
-class DINDPO(DIN):
+class DINDPO(AttentionDPO, DIN):
     """DIN armed with the heterogeneous query-behaviour DPO in its attention unit (Table 5).
 
     Paper §2.4/§3.2 (docs/dpo_math.md, §'Heterogeneous query-behaviour DPO'): the first layer of the attention MLP becomes ``W(q) x_i + b(q)``,
@@ -170,15 +156,3 @@ class DINDPO(DIN):
     the scoring.  ``dpo_input="features"`` (default) applies it to DIN's ``[q, k_i, q−k_i,
     q⊙k_i]`` (its static kernel is DIN's first layer: din_dpo ⊇ din); ``"behaviour"`` to ``k_i``
     alone.  Everything else as ``din``."""
-
-    generator: str = "lowrank"
-    rank: int = 4
-    heads: int = 1
-    num_kernels: int = 4
-    dpo_input: str = "features"
-
-    def attention_unit(self, name: str) -> DINAttention:
-        return DINAttention(tuple(self.attention_hidden), self.attention_act, self.attention_norm,
-                            self.bn_momentum, dpo=True, dpo_input=self.dpo_input,
-                            generator=self.generator, rank=self.rank, heads=self.heads,
-                            num_kernels=self.num_kernels, name=name)

@@ -10,18 +10,15 @@ field embeddings (split back per history); all slots are flattened -> a tower ->
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import flax.linen as nn
 import jax.numpy as jnp
 
-from dpn_jax.data.schema import Schema
 from dpn_jax.errors import ConfigError
-from dpn_jax.models.dpn import dpn_tower
+from dpn_jax.models.bases import BehaviourModel, FeatureDPNModel
 from dpn_jax.models.registry import register
-from dpn_jax.models.sequence_family import Array, SequenceTower, with_interests
+from dpn_jax.models.sequence_family import Array, with_interests
+from dpn_jax.nn.activations import check_activation
 from dpn_jax.nn.embedding import FieldEmbedding
-from dpn_jax.nn.sequence_layers import check_activation
 from dpn_jax.nn.transformer_layers import (
     DECODERS,
     ENCODERS,
@@ -32,29 +29,25 @@ from dpn_jax.nn.transformer_layers import (
 )
 
 
-def check_unit_options(m: nn.Module) -> None:
-    """The options of the Transformer unit that are checkable before any layer is built."""
-    for name in ("blocks", "ffn_dim", "max_positions"):
-        if getattr(m, name) < 0:
-            raise ConfigError(f"{name}={getattr(m, name)}; expected >= 0")
-    if m.heads < 1:
-        raise ConfigError(f"heads={m.heads}; expected >= 1 (and dividing the behaviour size)")
-    if not 0 <= m.encoder_dropout < 1:
-        raise ConfigError(f"encoder_dropout={m.encoder_dropout}; expected 0 <= rate < 1")
-    check_choice("encoder", getattr(m, "encoder", "mhsa"), ENCODERS)
-    check_choice("decoder", getattr(m, "decoder", "attention"), DECODERS)
+def check_unit_options(blocks: int, heads: int, ffn_dim: int, dropout: float, max_positions: int,
+                       encoder: str = "mhsa", decoder: str = "attention", **_: object) -> None:
+    """The options of the Transformer unit (:class:`BehaviourTransformer`'s fields; the rest
+    ignored) that are checkable before any layer is built (a schema without behaviours builds
+    none). ``dropout`` is the models' ``encoder_dropout``."""
+    for name, value in (("blocks", blocks), ("ffn_dim", ffn_dim), ("max_positions", max_positions)):
+        if value < 0:
+            raise ConfigError(f"{name}={value}; expected >= 0")
+    if heads < 1:
+        raise ConfigError(f"heads={heads}; expected >= 1 (and dividing the behaviour size)")
+    if not 0 <= dropout < 1:
+        raise ConfigError(f"encoder_dropout={dropout}; expected 0 <= rate < 1")
+    check_choice("encoder", encoder, ENCODERS)
+    check_choice("decoder", decoder, DECODERS)
 
 
-class _InterestModel(nn.Module):
+class _InterestModel(BehaviourModel):
     """DIN's structure with a pluggable attention unit (``pool``); the tower as DIN's."""
 
-    schema: Schema
-    embedding_dim: int = 10
-    hidden: Sequence[int] = (200, 80)
-    act: str = "dice"
-    batch_norm: bool = False
-    dropout: float = 0.0
-    bn_momentum: float = 0.9
     attention_groups: str = "joint"
     embedding_init_std: float = 1e-4
 
@@ -72,8 +65,7 @@ class _InterestModel(nn.Module):
         e = embedding(batch)
         e = with_interests(self.schema, self.attention_groups, embedding, e, batch,
                            lambda *a: self.pool(*a, train))
-        h = SequenceTower(tuple(self.hidden), self.act, self.batch_norm, self.dropout,
-                          self.bn_momentum, name="mlp")(e.reshape(e.shape[0], -1), train)
+        h = self.tower()(e.reshape(e.shape[0], -1), train)
         return nn.Dense(1, name="out")(h)[:, 0]
 
 
@@ -140,7 +132,7 @@ class BST(_InterestModel):
 
     def check_options(self) -> None:
         super().check_options()
-        check_unit_options(self)
+        check_unit_options(**self.unit_options())
 
     def unit_options(self) -> dict:
         return dict(blocks=self.blocks, heads=self.heads, ffn_dim=self.ffn_dim,
@@ -189,7 +181,7 @@ class BSTDPO(BST):
 
 
 @register("dyjoint")
-class DyJoint(nn.Module):
+class DyJoint(FeatureDPNModel):
     """DyJoint (DPN paper Table 6): feature-based DPN tower + sDPN behaviour interests.
 
     The feature-based DPN over the field embeddings whose history slots hold the sDPN pooled
@@ -207,17 +199,6 @@ class DyJoint(nn.Module):
     ``--set generator_heads=...``).  ``heads`` are the attention heads (``dpn``'s ``heads`` is
     ``generator_heads`` here).  The paper gives no further detail of its production layout."""
 
-    schema: Schema
-    embedding_dim: int = 10
-    hidden: Sequence[int] = (400, 400, 400)
-    batch_norm: bool = True
-    dropout: float = 0.0
-    act: str = "relu"
-    bn_momentum: float = 0.9
-    dpo_layers: str = "first"
-    context: str = "input"
-    generator: str = "lowrank"
-    rank: int = 4
     generator_heads: int = 1
     num_kernels: int = 4
     context_norm: bool = False
@@ -235,22 +216,29 @@ class DyJoint(nn.Module):
     norm_first: bool = False
     embedding_init_std: float = 1e-4
 
+    def unit_options(self) -> dict:
+        """:class:`BehaviourTransformer`'s fields (the generator's shared with the DPN tower)."""
+        return dict(blocks=self.blocks, heads=self.heads, ffn_dim=self.ffn_dim,
+                    dropout=self.encoder_dropout, encoder=self.encoder, decoder=self.decoder,
+                    max_positions=self.max_positions, kernel_size=self.kernel_size,
+                    conv_heads=self.conv_heads, combine=self.combine, generator=self.generator,
+                    rank=self.rank, generator_heads=self.generator_heads,
+                    num_kernels=self.num_kernels, norm_first=self.norm_first)
+
     @nn.compact
     def __call__(self, batch, train: bool = False) -> jnp.ndarray:
-        check_unit_options(self)
+        unit = self.unit_options()
+        check_unit_options(**unit)
         embedding = FieldEmbedding(self.schema, dim=self.embedding_dim,
                                    init_std=self.embedding_init_std, name="embedding")
         e = embedding(batch)
 
         def pool(g, q, x, mask, ids):
-            return BehaviourTransformer(
-                self.blocks, self.heads, self.ffn_dim, self.encoder_dropout, self.encoder,
-                self.decoder, self.max_positions, self.kernel_size, self.conv_heads,
-                self.combine, self.generator, self.rank, self.generator_heads,
-                self.num_kernels, self.norm_first, name=f"transformer_{g}")(q, x, mask, train)
+            return BehaviourTransformer(**unit, name=f"transformer_{g}")(q, x, mask, train)
 
         e = with_interests(self.schema, self.attention_groups, embedding, e, batch, pool)
-        h = dpn_tower(self, e, train, generator_heads=self.generator_heads)
+        h = self.dpn_tower(heads=self.generator_heads, num_kernels=self.num_kernels,
+                           context_norm=self.context_norm)(e, train)
         return nn.Dense(1, name="out")(h)[:, 0]
 
 

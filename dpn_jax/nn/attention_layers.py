@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from dpn_jax.errors import ConfigError
+from dpn_jax.nn.mlp import MLP
 
 Array = jax.Array
 
@@ -218,3 +219,23 @@ class APGDense(nn.Module):
         else:
             bias = None
         return apg_dense(x, u, s, v, bias)
+
+
+class APGTower(MLP):
+    """APG's hidden layers, ``(x [B, N], z [B, C] or None) -> [B, hidden[-1]]``: the protocol
+    tower with an :class:`APGDense` (``apg_<i>``) in place of each Dense layer, conditioned on
+    ``z`` (None: each layer on its own input, APG's self-wise condition)."""
+
+    rank: int = 8
+    overparam: int = 64
+    hypernet_hidden: Sequence[int] = (512, 256)
+    generate_bias: bool = True
+    layer_names: bool = True
+
+    def linear(self, i: int, width: int, x: Array, z: Array | None) -> Array:
+        return APGDense(width, self.rank, self.overparam, tuple(self.hypernet_hidden),
+                        self.generate_bias, name=f"apg_{i}")(x, x if z is None else z)
+
+    @nn.compact
+    def __call__(self, x: Array, z: Array | None, train: bool = False) -> Array:  # type: ignore[override]
+        return self.layers(x, train, z)

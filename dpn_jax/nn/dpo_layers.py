@@ -8,7 +8,8 @@ The low-rank ``kernel`` is ``[m, rank+1, n]`` with ``kernel[:, 0, :]`` the stati
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import typing
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -42,6 +43,47 @@ def _declare(module: nn.Module, init_fn: Callable[[jax.Array], Any]) -> Any:
         return module.param("_".join(path), lambda _key, value=node: value)
 
     return declare((), template)
+
+
+def _is_params_tuple(t: Any) -> bool:
+    return isinstance(t, type) and issubclass(t, tuple) and hasattr(t, "_fields")
+
+
+def named_params(params_type: type, flat: Mapping[str, Any]) -> Any:
+    """The inverse of :func:`_declare`'s naming: a layer's Flax params (``hidden_kernel``, ...)
+    back to the NamedTuple ``params_type`` (a field without a param, an unused bias, is None).
+    Extra entries (``context_norm``, ``attention_kernel``) are ignored."""
+
+    def build(t: type, prefix: str) -> Any:
+        hints = typing.get_type_hints(t)
+        values = []
+        for f in t._fields:
+            name = prefix + f
+            if _is_params_tuple(hints.get(f)):
+                values.append(build(hints[f], name + "_"))
+            else:
+                values.append(flat.get(name))
+        return t(*values)
+
+    return build(params_type, "")
+
+
+def flat_params(named: Any) -> dict[str, Any]:
+    """A NamedTuple of parameters as the layer's Flax params (:func:`_declare`'s names); None
+    fields are left out."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if node is None:
+            return
+        if isinstance(node, tuple) and hasattr(node, "_fields"):
+            for f, v in zip(node._fields, node):
+                walk(f"{prefix}_{f}" if prefix else f, v)
+        else:
+            out[prefix] = node
+
+    walk("", named)
+    return out
 
 
 def normalise_context(z: Array, enabled: bool, param_dtype: Any = jnp.float32) -> Array:

@@ -5,9 +5,9 @@ XLA:CPU in jaxlib 0.10 does not use the AMX tiles of recent Xeons: its bfloat16 
 oneDNN reaches 830-1770 GFLOP/s on the same products (experiments/results/step_anatomy_cpu.md).
 MKL's ``cblas_gemm_bf16bf16f32`` uses the tiles too. This module builds a small XLA FFI handler
 (``dpn_jax/native/mkl_gemm.cc``, :mod:`dpn_jax.native`) on first use, hands it the MKL function
-resolved at run time and registers it as a CPU custom call; :func:`mkl_bf16_matmul` is
-:func:`dpn_jax.nn.precision.bf16_matmul` with its three products done there. Same numbers up to
-float32 summation order (tested).
+resolved at run time and registers it as a CPU custom call; :func:`mkl_dot` is that product, and
+:func:`dpn_jax.nn.precision.mkl_bf16_matmul` is :func:`dpn_jax.nn.precision.bf16_matmul` with its
+three products done by it. Same numbers up to float32 summation order (tested).
 
 Needs: the ``mkl`` wheel (``pip install -e ".[mkl]"``; it is in ``[dev]``), a C++17 compiler
 and the CPU backend. ``DPN_JAX_MKL`` may name the ``libmkl_rt`` file to use; ``KMP_BLOCKTIME``
@@ -28,7 +28,6 @@ import jax.numpy as jnp
 
 from dpn_jax import native
 from dpn_jax.errors import ConfigError
-from dpn_jax.nn.precision import bf16_matmul_with
 
 TARGET = "dpn_jax_bf16_gemm"
 OPTION = "matmul_dtype=bfloat16_mkl"
@@ -91,8 +90,3 @@ def mkl_dot(a: jax.Array, b: jax.Array, trans_a: bool = False, trans_b: bool = F
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32),
                             vmap_method="sequential")
     return call(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), trans_a=trans_a, trans_b=trans_b)
-
-
-# ``x [n,m] @ w [m,k]`` in bfloat16 by MKL, backward products too; the transposes of the
-# backward products are MKL's flags, so no xᵀ or Wᵀ is materialised
-mkl_bf16_matmul = bf16_matmul_with(mkl_dot)

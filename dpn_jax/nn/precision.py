@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jax.experimental.layout import Layout, with_layout_constraint
 
 from dpn_jax.errors import ConfigError
+from dpn_jax.nn import mkl_matmul
 
 MATMUL_DTYPES = ("float32", "bfloat16", "bfloat16_mkl")
 
@@ -75,6 +76,9 @@ def _xla_bf16_dot(a: jax.Array, b: jax.Array, trans_a: bool, trans_b: bool) -> j
 
 
 bf16_matmul = bf16_matmul_with(_xla_bf16_dot)
+# The same by MKL on the CPU; the transposes of the backward products are MKL's flags, so no xᵀ
+# or Wᵀ is materialised.
+mkl_bf16_matmul = bf16_matmul_with(mkl_matmul.mkl_dot)
 
 
 def _dense_bf16_dot_general(lhs, rhs, dimension_numbers, precision=None,
@@ -96,12 +100,10 @@ def matmul_for(matmul_dtype: str) -> Callable | None:
     if matmul_dtype not in MATMUL_DTYPES:
         raise ConfigError(f"matmul_dtype={matmul_dtype!r}; expected one of {list(MATMUL_DTYPES)}")
     if matmul_dtype == "bfloat16_mkl":
-        from dpn_jax.nn import mkl_matmul
-
         reason = mkl_matmul.unavailable_reason()
         if reason:
             raise ConfigError(reason)
-        return mkl_matmul.mkl_bf16_matmul
+        return mkl_bf16_matmul
     return bf16_matmul if matmul_dtype == "bfloat16" else None
 
 

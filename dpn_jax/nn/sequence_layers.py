@@ -1,5 +1,5 @@
-"""Flax Linen layers of behaviour (sequence) modelling: Dice, PReLU, DIN attention and the
-sequence DPO (paper §2.4; docs/dpo_math.md, §'Sequence-based DPO').
+"""Flax Linen layers of behaviour (sequence) modelling: DIN attention and the sequence DPO
+(Dice and PReLU: :mod:`dpn_jax.nn.activations`) (paper §2.4; docs/dpo_math.md, §'Sequence-based DPO').
 
 Every layer takes a validity ``mask [B,L]`` (True = a real step) and is padding invariant: values
 at padded steps, or extra padded steps, never change an output (padded outputs are zero).  The
@@ -19,75 +19,13 @@ import jax.numpy as jnp
 from dpn_jax import dpo
 from dpn_jax.dpo import sequence as seq_dpo
 from dpn_jax.errors import ConfigError
+from dpn_jax.nn.activations import Activation
 from dpn_jax.nn.dpo_layers import _declare, normalise_context
-from dpn_jax.nn.mlp import ACTIVATIONS
 
 Array = jax.Array
 
 DIN_WEIGHT_NORMS = ("none", "softmax", "sigmoid")
 DPO_INPUTS = ("features", "behaviour")
-
-
-class Dice(nn.Module):
-    """Dice (Zhou et al., "Deep Interest Network", KDD 2018, Eqns. 9-10), per channel::
-
-        f(s) = p(s)·s + (1 − p(s))·α·s,     p(s) = sigmoid((s − E[s]) / sqrt(Var[s] + ε))
-
-    ``E, Var``: statistics of the mini-batch when training (over every axis but the last, and
-    only over ``mask``-ed positions when a mask is given), running averages in inference; kept
-    in a scale- and shift-free ``BatchNorm`` named ``bn`` (so ``bn_recalibrate`` re-estimates
-    them like any other BatchNorm).  ``α`` starts at 0 (DIN's code, DeepCTR, FuxiCTR).
-    ``momentum`` uses Flax's convention (0.9 = PyTorch's 0.1, FuxiCTR's Dice; DIN's TF code and
-    DeepCTR use 0.99, docs/results/protocol.md, §'BatchNorm statistics').  ``epsilon`` 1e-8 (DeepCTR; DIN's code: 1e-9).
-    """
-
-    momentum: float = 0.9
-    epsilon: float = 1e-8
-    alpha_init: float = 0.0
-
-    @nn.compact
-    def __call__(self, x: Array, train: bool = False, mask: Array | None = None) -> Array:
-        m = None if mask is None else jnp.broadcast_to(mask[..., None], x.shape)
-        xn = nn.BatchNorm(use_running_average=not train, momentum=self.momentum,
-                          epsilon=self.epsilon, use_bias=False, use_scale=False, name="bn")(x, mask=m)
-        alpha = self.param("alpha", nn.initializers.constant(self.alpha_init), (x.shape[-1],))
-        p = jax.nn.sigmoid(xn)
-        return p * x + (1.0 - p) * alpha * x
-
-
-class PReLU(nn.Module):
-    """Per-channel PReLU ``max(0, s) + α·min(0, s)`` (He et al. 2015; DIN's alternative to Dice).
-    ``α`` starts at 0.25 (He et al.; PyTorch's default)."""
-
-    alpha_init: float = 0.25
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        alpha = self.param("alpha", nn.initializers.constant(self.alpha_init), (x.shape[-1],))
-        return jnp.where(x >= 0, x, alpha * x)
-
-
-def check_activation(name: str) -> str:
-    if name not in ("dice", "prelu") and name not in ACTIVATIONS:
-        raise ConfigError(f"unknown activation {name!r}; choose dice, prelu or one of "
-                          f"{sorted(ACTIVATIONS)}")
-    return name
-
-
-class Activation(nn.Module):
-    """An activation by name: ``dice`` and ``prelu`` (with parameters) or any of ``nn.mlp``'s."""
-
-    kind: str
-    momentum: float = 0.9
-
-    @nn.compact
-    def __call__(self, x: Array, train: bool = False, mask: Array | None = None) -> Array:
-        kind = check_activation(self.kind)
-        if kind == "dice":
-            return Dice(self.momentum, name="dice")(x, train, mask)
-        if kind == "prelu":
-            return PReLU(name="prelu")(x)
-        return ACTIVATIONS[kind](x)
 
 
 class QueryBehaviourDPO(nn.Module):

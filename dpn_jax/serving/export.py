@@ -10,7 +10,6 @@ beside it. :func:`dpn_jax.serving.exported.load_exported` runs it with jax + num
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from dpn_jax.atomic import atomic_dir
 from dpn_jax.errors import ConfigError, DpnError
 from dpn_jax.serving.bundle import BUNDLE_JSON
 from dpn_jax.serving.exported import (
@@ -69,16 +69,22 @@ def serialize(exported: Any) -> bytes:
 
 def export_bundle(bundle_dir: str | Path, out: str | Path,
                   platforms: Sequence[str] = DEFAULT_PLATFORMS) -> dict[str, Any]:
-    """Export a bundle into ``out/`` (export.json last); returns the contents of export.json."""
+    """Export a bundle into ``out/`` (export.json last; the folder is replaced only once complete,
+    other entries of it are kept); returns the contents of export.json."""
     predictor = load(bundle_dir)
     exported = export_program(predictor, platforms)
     blob = serialize(exported)
-    d = Path(out)
-    d.mkdir(parents=True, exist_ok=True)
-    (d / EXPORT_JSON).unlink(missing_ok=True)
-    (d / EXPORT_PROGRAM).write_bytes(blob)
-    shutil.copyfile(Path(bundle_dir) / "encoders.json", d / EXPORT_ENCODING)
-    meta = {
+    written = (EXPORT_JSON, EXPORT_PROGRAM, EXPORT_ENCODING)
+    with atomic_dir(out, keep=lambda name: name not in written) as d:  # the old export stays until done
+        (d / EXPORT_PROGRAM).write_bytes(blob)
+        (d / EXPORT_ENCODING).write_bytes(predictor.bundle.path.joinpath("encoders.json").read_bytes())
+        meta = _meta(predictor, exported, bundle_dir, len(blob))
+        (d / EXPORT_JSON).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    return meta
+
+
+def _meta(predictor: Predictor, exported: Any, bundle_dir: str | Path, program_bytes: int) -> dict[str, Any]:
+    return {
         "format": EXPORT_FORMAT, "format_version": EXPORT_FORMAT_VERSION,
         "model": predictor.model_name, "model_config": predictor.config,
         "inputs": [{"name": n, "dtype": t, "width": w} for n, t, w in predictor.inputs],
@@ -88,7 +94,5 @@ def export_bundle(bundle_dir: str | Path, out: str | Path,
                    "manifest": BUNDLE_JSON},
         "metrics": predictor.metrics,
         "versions": {"jax": jax.__version__, "calling_convention": exported.calling_convention_version},
-        "program_bytes": len(blob),
+        "program_bytes": program_bytes,
     }  # fmt: skip
-    (d / EXPORT_JSON).write_text(json.dumps(meta, indent=1), encoding="utf-8")
-    return meta

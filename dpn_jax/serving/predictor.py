@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
-from dpn_jax.data import readers
+from dpn_jax.data import readers, transforms
 from dpn_jax.data.encode import FittedEncoders
 from dpn_jax.data.schema import Schema, Split, empty_arrays
 from dpn_jax.errors import DataError
@@ -92,8 +92,10 @@ class Predictor:
         keys = set(rows)
         return {n for n, _, _ in self.inputs} <= keys and not set(self.raw_columns) <= keys
 
-    def encode(self, rows: Any) -> Split:
-        """Raw rows -> the encoded arrays (``cat``, ``num``, ``seq/<name>``) the model reads."""
+    def encode(self, rows: Any, *, source: str | Path = "<input>", first_row: int = 1) -> Split:
+        """Raw rows -> the encoded arrays (``cat``, ``num``, ``seq/<name>``) the model reads.
+        ``source`` and ``first_row`` (the data row, 1-based, of ``rows[0]`` in that file) make an
+        unparsable cell's error name the file and its row there, as the training readers do."""
         if self.encoders is None:
             raise DataError(f"model {self.model_name!r} has no fitted encoders: pass the encoded "
                             f"arrays {[n for n, _, _ in self.inputs]}")
@@ -102,7 +104,7 @@ class Predictor:
             if missing:
                 raise DataError(f"input column {missing[0]!r} is missing; got columns {list(rows.column_names)}")
             # The readers' own conversions: exactly what training saw from csv/parquet files.
-            raw = {c: readers._as_float(rows.column(c), Path("<input>"), c) if kind == "float"
+            raw = {c: _as_float(rows.column(c), source, c, first_row) if kind == "float"
                    else readers._as_str(rows.column(c)) for c, kind in self.raw_columns.items()}
         else:
             cols = column_lists(rows, list(self.raw_columns))  # checks the type and the columns
@@ -113,9 +115,11 @@ class Predictor:
 
     # ------------------------------------------------------------------------- scoring
 
-    def predict(self, rows: Any, batch_size: int = 1024) -> np.ndarray:
-        """Click probabilities (float32), one per input row, in input order."""
-        arrays = rows if self.is_encoded(rows) else self.encode(rows)
+    def predict(self, rows: Any, batch_size: int = 1024, *, source: str | Path = "<input>",
+                first_row: int = 1) -> np.ndarray:
+        """Click probabilities (float32), one per input row, in input order (``source``,
+        ``first_row``: see :meth:`encode`)."""
+        arrays = rows if self.is_encoded(rows) else self.encode(rows, source=source, first_row=first_row)
         return self.predict_encoded(arrays, batch_size)
 
     def predict_encoded(self, arrays: Mapping[str, Any], batch_size: int = 1024) -> np.ndarray:
@@ -159,6 +163,15 @@ def _restore(bundle: Bundle, model: Any) -> dict:
     return jax.tree_util.tree_map(jnp.asarray, variables)
 
 
+def _as_float(col: Any, source: str | Path, name: str, first_row: int) -> np.ndarray:
+    """The readers' number parsing, the error naming the row in the file (data rows, 1-based)."""
+    try:
+        return transforms.as_float(col)
+    except transforms.TransformError as e:
+        raise DataError(f"{source}: numeric column {name!r} row {first_row + e.index}: cannot parse "
+                        f"{e.value!r} as a number (leave the cell empty for a missing value)") from None
+
+
 def _normalise(col: Any, kind: str) -> Any:
     """Text columns: NaN (pandas' missing value) -> None, like an empty cell read from a file."""
     if hasattr(col, "to_pylist"):  # a pyarrow Array / ChunkedArray in a dict
@@ -170,5 +183,5 @@ def _normalise(col: Any, kind: str) -> Any:
 
 
 def load(bundle_dir: str | Path) -> Predictor:
-    """Load and verify a bundle written by ``dpn-jax train --out DIR`` (or ``dpn_jax.train``)."""
+    """Load and verify a bundle written by ``dpn-jax train --out DIR`` (or ``dpn_jax.train_model``)."""
     return Predictor.from_bundle(read_bundle(bundle_dir))

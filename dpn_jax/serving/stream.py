@@ -2,8 +2,8 @@
 
 The input is read in record batches (pyarrow's streaming csv reader, or parquet row groups via
 ``ParquetFile.iter_batches``), re-cut into chunks of ``batch_size`` rows, scored, and written
-incrementally (``CSVWriter`` / ``ParquetWriter``), so memory holds a few chunks, never the file.
-Row order is kept. csv cells are read as text, exactly as training read them ("007" stays "007";
+incrementally (``CSVWriter`` / ``ParquetWriter``) into a temporary file that replaces the output
+only once complete, so memory holds a few chunks, never the file. Row order is kept. csv cells are read as text, exactly as training read them ("007" stays "007";
 an empty cell is missing).
 
 A csv without a header line (Criteo's ``train.txt`` / ``test.txt``) gets its column names from
@@ -22,6 +22,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from dpn_jax import faults
+from dpn_jax.atomic import atomic_path
 from dpn_jax.errors import DataError
 from dpn_jax.serving.predictor import Predictor
 
@@ -115,23 +117,28 @@ class _Writer:
 
     def write(self, table: pa.Table) -> None:
         if self.writer is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             tsv = pacsv.WriteOptions(delimiter="\t" if self.path.name.lower().endswith(".tsv") else ",")
             self.writer = (pq.ParquetWriter(self.path, table.schema) if self.kind == "parquet"
                            else pacsv.CSVWriter(self.path, table.schema, write_options=tsv))
         self.writer.write_table(table)
 
-    def close(self, schema: pa.Schema) -> None:
-        if self.writer is None:  # an input without rows still gets a header / schema
+    def close(self, schema: pa.Schema | None = None) -> None:
+        if self.writer is None and schema is not None:  # an input without rows still gets a header
             self.write(schema.empty_table())
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
 
 def predict_file(predictor: Predictor, input: str | Path, output: str | Path, *,
                  id_column: str | None = None, batch_size: int = 4096,
                  sep: str | None = None, columns: str | None = None) -> dict[str, Any]:
     """Score every row of ``input`` into ``output`` (csv or parquet by extension); ``columns``:
-    the names of a csv without a header (module docstring)."""
+    the names of a csv without a header (module docstring).
+
+    The output is written to a temporary file beside ``output`` and renamed onto it at the end:
+    on any error an existing ``output`` is left as it was. An unparsable cell is reported with
+    the input file and its data row (1-based, the header line not counted), like training's."""
     if batch_size < 1:
         raise DataError(f"--batch-size must be >= 1, got {batch_size}")
     src, dst = Path(input), Path(output)
@@ -143,25 +150,24 @@ def predict_file(predictor: Predictor, input: str | Path, output: str | Path, *,
     sep = sep or predictor.bundle.dataset.get("sep") or ","  # libfm bundles: "," (one column per field)
     t0 = time.perf_counter()
     n = 0
-    writer = _Writer(dst, out_kind)
     out_schema = pa.schema(([pa.field(id_column, pa.string())] if id_column else [])
                            + [pa.field(SCORE_COLUMN, pa.float32())])
-    try:
-        for table in rechunk(read_batches(src, columns, sep, batch_size, names), batch_size):
-            probs = predictor.predict(table, batch_size=batch_size)
-            cols = {SCORE_COLUMN: pa.array(probs, pa.float32())}
-            if id_column:
-                cols = {id_column: table.column(id_column), **cols}
-            out = pa.table(cols)
-            out_schema = out.schema
-            writer.write(out)
-            n += table.num_rows
-    except BaseException:
-        if writer.writer is not None:
-            writer.writer.close()
-        dst.unlink(missing_ok=True)  # no half-written output that looks complete
-        raise
-    writer.close(out_schema)
+    with atomic_path(dst) as tmp:
+        writer = _Writer(tmp, out_kind)
+        try:
+            for table in rechunk(read_batches(src, columns, sep, batch_size, names), batch_size):
+                probs = predictor.predict(table, batch_size=batch_size, source=src, first_row=n + 1)
+                cols = {SCORE_COLUMN: pa.array(probs, pa.float32())}
+                if id_column:
+                    cols = {id_column: table.column(id_column), **cols}
+                out = pa.table(cols)
+                out_schema = out.schema
+                writer.write(out)
+                n += table.num_rows
+                faults.point("chunk")
+            writer.close(out_schema)
+        finally:
+            writer.close()
     seconds = time.perf_counter() - t0
     return {"rows": n, "input": str(src), "output": str(dst), "seconds": round(seconds, 3),
             "rows_per_s": round(n / seconds, 1) if seconds > 0 else None}

@@ -13,11 +13,17 @@ start of training) with three items:
 Orbax writes each step into ``<position>.orbax-checkpoint-tmp`` and renames it when complete, so
 a kill mid-save leaves the previous checkpoint intact. The best parameters travel inside every
 checkpoint, so the newest one is all a resume needs; the one before it is kept as a fallback.
+
+An unusable checkpoint directory is reported in one line (a :class:`DpnError`): the manager is
+closed first, and the echoes of Orbax's failed reads are silenced (see :func:`_quiet_reads`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dpn_jax import faults
 from dpn_jax.data.schema import Dataset, split_len
 from dpn_jax.errors import DpnError
 from dpn_jax.train.config import TrainConfig
@@ -121,6 +128,58 @@ def _short(v: Any, n: int = 60) -> str:
     return s if len(s) <= n else s[: n - 3] + "..."
 
 
+_STRAGGLER_ERRORS = ("Event loop is closed", "cannot schedule new futures after interpreter shutdown")
+_kept_quiet = False  # a read failed: its stragglers may still arrive, so the filters stay
+
+
+def _unraisable_filter(previous):
+    def hook(info):
+        if isinstance(info.exc_value, RuntimeError) and str(info.exc_value) in _STRAGGLER_ERRORS:
+            return
+        previous(info)
+
+    hook.dpn_previous = previous
+    return hook
+
+
+def _not_orbax(record: logging.LogRecord) -> bool:
+    """False for Orbax's own log records and for its read tasks that died unretrieved."""
+    if "orbax" in record.pathname:
+        return False
+    text = record.getMessage()
+    if "exception was never retrieved" not in text:  # asyncio's words for a Task / Future
+        return True
+    text += str(record.exc_info[1]) if record.exc_info else ""
+    return not any(mark in text for mark in ("orbax", "tensorstore", "OCDBT", "zarr"))
+
+
+@contextlib.contextmanager
+def _quiet_reads():
+    """Orbax reads a checkpoint's arrays concurrently on an event loop that it closes as soon as
+    one read fails; the reads still in flight then finish into the closed loop ("Event loop is
+    closed", printed as a traceback) and their tasks die unretrieved (asyncio logs each), and
+    unreadable metadata is logged as well. The caller reports the failure in one line, so while
+    Orbax reads, and for good once a read has failed, that noise is dropped (nothing else is)."""
+    global _kept_quiet
+    loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
+    hook = None
+    if not hasattr(sys.unraisablehook, "dpn_previous"):
+        hook = sys.unraisablehook = _unraisable_filter(sys.unraisablehook)
+    for lg in loggers:
+        lg.addFilter(_not_orbax)
+    try:
+        yield
+    except BaseException:
+        _kept_quiet = True
+        raise
+    finally:
+        if not _kept_quiet:
+            for lg in loggers:
+                lg.removeFilter(_not_orbax)
+            if hook is not None and sys.unraisablehook is hook:
+                sys.unraisablehook = hook.dpn_previous
+
+
 @dataclasses.dataclass
 class Resumed:
     """Everything ``fit`` needs to continue from a checkpoint."""
@@ -156,25 +215,44 @@ class Checkpoints:
             raise DpnError(f"no checkpoint to resume: {self.directory} does not exist; run without "
                            "--resume to start training, or point --checkpoint-dir at the earlier run's")
         try:
-            self._mgr = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
-                max_to_keep=KEEP, enable_async_checkpointing=False, cleanup_tmp_directories=True))
+            with _quiet_reads():
+                self._mgr = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
+                    max_to_keep=KEEP, enable_async_checkpointing=False, cleanup_tmp_directories=True))
         except OSError as err:
             raise DpnError(f"cannot use checkpoint directory {self.directory}: {err}") from None
-        latest = self.path()
-        if resume == "if_any":
-            resume = latest is not None
-        if resume and latest is None:
-            raise DpnError(f"no checkpoint to resume in {self.directory}: run without --resume to "
-                           "start training, or point --checkpoint-dir at the earlier run's checkpoints")
-        if not resume and latest is not None:
-            raise DpnError(f"{self.directory} already holds checkpoints of a run ({latest}): pass "
-                           "--resume to continue it, or choose another --checkpoint-dir (or delete "
-                           "this one) to start afresh")
+        try:
+            latest = self.path()
+            if resume == "if_any":
+                resume = latest is not None
+            if resume and latest is None:
+                raise DpnError(f"no checkpoint to resume in {self.directory}: run without --resume to "
+                               "start training, or point --checkpoint-dir at the earlier run's checkpoints")
+            if not resume and latest is not None:
+                raise DpnError(f"{self.directory} already holds checkpoints of a run ({latest}): pass "
+                               "--resume to continue it, or choose another --checkpoint-dir (or delete "
+                               "this one) to start afresh")
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Wait for Orbax's pending work and stop its threads (again: nothing happens)."""
+        mgr, self._mgr = getattr(self, "_mgr", None), None
+        if mgr is not None:
+            with contextlib.suppress(Exception), _quiet_reads():
+                mgr.close()
+
+    def _failed(self, err: DpnError) -> DpnError:
+        """``err``, once the manager is closed: the run ends with it, and an unclosed manager's
+        threads would print tracebacks at interpreter exit instead of exiting quietly."""
+        self.close()
+        return err
 
     def path(self, step: int | None = None) -> Path | None:
         """The directory of checkpoint ``step`` (default: the newest), None when there is none."""
-        self._mgr.reload()
-        step = self._mgr.latest_step() if step is None else step
+        with _quiet_reads():
+            self._mgr.reload()
+            step = self._mgr.latest_step() if step is None else step
         return None if step is None else self.directory / str(step)
 
     def save(self, position: int, state, best: Best | None, progress: dict, run: dict) -> Path:
@@ -191,14 +269,16 @@ class Checkpoints:
             run=args.JsonSave(run)))
         if not done:  # positions only grow; a refused save would silently lose the resume point
             raise DpnError(f"checkpoint {position} was not written to {self.directory}")
+        faults.point("checkpoint")
         return self.directory / str(position)
 
     def progress(self) -> dict:
         """The newest checkpoint's ``progress`` JSON (what a caller needs to shape its template)."""
         step = self._mgr.latest_step()
         try:
-            return self._mgr.restore(step, args=self._ocp.args.Composite(
-                progress=self._ocp.args.JsonRestore()))["progress"]
+            with _quiet_reads():
+                return self._mgr.restore(step, args=self._ocp.args.Composite(
+                    progress=self._ocp.args.JsonRestore()))["progress"]
         except Exception as err:  # orbax and tensorstore raise many kinds; all mean the same here
             raise self._unreadable(self.directory / str(step), _reason(err)) from err
 
@@ -210,18 +290,22 @@ class Checkpoints:
         step = self._mgr.latest_step()
         path = self.directory / str(step)
         try:
-            meta = self._mgr.restore(step, args=args.Composite(progress=args.JsonRestore(), run=args.JsonRestore()))
+            with _quiet_reads():
+                meta = self._mgr.restore(step, args=args.Composite(progress=args.JsonRestore(),
+                                                                   run=args.JsonRestore()))
             progress, saved_run = meta["progress"], meta["run"]
         except Exception as err:  # orbax and tensorstore raise many kinds; all mean the same here
             raise self._unreadable(path, _reason(err)) from err
         diffs = differences(saved_run, run, defaults=defaults)
         if diffs:
-            raise DpnError(f"cannot resume from {path}: it was written by a different run ("
-                           + "; ".join(diffs) + "). Resume with the same model, data and settings, "
-                           "or run without --resume to start afresh (in a new --checkpoint-dir when you gave one)")
+            raise self._failed(DpnError(
+                f"cannot resume from {path}: it was written by a different run (" + "; ".join(diffs)
+                + "). Resume with the same model, data and settings, or run without --resume to start "
+                "afresh (in a new --checkpoint-dir when you gave one)"))
         try:
-            arrays = self._mgr.restore(step, args=args.Composite(arrays=args.StandardRestore(
-                jax.tree.map(self._ocp.utils.to_shape_dtype_struct, template))))["arrays"]
+            with _quiet_reads():
+                arrays = self._mgr.restore(step, args=args.Composite(arrays=args.StandardRestore(
+                    jax.tree.map(self._ocp.utils.to_shape_dtype_struct, template))))["arrays"]
         except Exception as err:
             raise self._unreadable(path, _reason(err)) from err
         if np.asarray(checksum(arrays)).tolist() != progress["checksum"]:
@@ -246,8 +330,8 @@ class Checkpoints:
     def _unreadable(self, path: Path, reason: str) -> DpnError:
         older = [s for s in self._mgr.all_steps() if self.directory / str(s) != path]
         fallback = f" (the older checkpoint {self.directory / str(max(older))} is then used)" if older else ""
-        return DpnError(f"checkpoint at {path} is unreadable: {reason}; delete it{fallback} or run "
-                        "without --resume")
+        return self._failed(DpnError(f"checkpoint at {path} is unreadable: {reason}; delete it{fallback} "
+                                     "or run without --resume"))
 
 
 def _tally_of_old(progress: dict) -> dict:

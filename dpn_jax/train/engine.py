@@ -30,13 +30,14 @@ import jax.numpy as jnp
 import numpy as np
 
 import dpn_jax.data
+from dpn_jax import faults
 from dpn_jax.data import batch_order, padded_batches
 from dpn_jax.data.out_of_core import prefetch
 from dpn_jax.data.schema import Split, split_len
 from dpn_jax.errors import ConfigError
+from dpn_jax.metrics import auc, logloss_from_logits
 from dpn_jax.train import batchnorm
 from dpn_jax.train.device_data import DeviceSplit, Orders, block_plan, group
-from dpn_jax.train.metrics import auc, logloss_from_logits
 from dpn_jax.train.progress import EpochProgress
 from dpn_jax.train.sharding import Layout
 from dpn_jax.train.state import count_params
@@ -354,6 +355,7 @@ def run_epoch(state, program: Program, blocks: Iterable[dict], *, tally: EpochTa
             tally = read(tally)
         done = tally.steps
         tally, pending = tally._replace(steps=done + losses.shape[0]), (done, losses)
+        faults.point("batch")  # test-only (dpn_jax.faults): no cost unless DPN_JAX_FAULT_AFTER is set
         if (checkpoint is not None and checkpoint_every and tally.steps < steps_per_epoch
                 and tally.steps // checkpoint_every > done // checkpoint_every):
             tally, pending = read(tally), None

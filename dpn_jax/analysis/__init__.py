@@ -1,0 +1,1 @@
+"""Analyses of trained models and bundles (above serving): AUC by training frequency."""
