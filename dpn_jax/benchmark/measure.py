@@ -117,7 +117,7 @@ def measure_train(model_name: str, workload: Workload, cfg: TrainConfig, *, step
 
 
 # BatchNorm re-estimation in the proportion of a Criteo epoch (32 batches for ~8,900 steps of
-# 4096 rows): the bench's short epochs would otherwise spend a third of their time on it.
+# 4096 rows): with its default 32 batches it would dominate the bench's short epochs.
 STEPS_PER_BN_BATCH = 256
 FIT_EPOCHS = 3  # the first compiles; the others are timed
 

@@ -70,9 +70,9 @@ def group(batches: Iterable[dict], plan: Sequence[tuple[int, int, int]]) -> Iter
 
 class Orders:
     """Epoch row orders (:func:`dpn_jax.data.batch_order`, as int32) drawn ahead in a background
-    thread: the permutation of a large split costs seconds on the host -- as long as an epoch
-    on an accelerator -- so the next epoch's is drawn while this one trains. Each order asked
-    ahead is held until taken (``n`` int32s each) or :meth:`close`."""
+    thread: permuting a large split is slow on the host, and an accelerator would wait for it at
+    every epoch's start, so the next epoch's order is drawn while this one trains. Each order
+    asked ahead is held until taken (``n`` int32s each) or :meth:`close`."""
 
     def __init__(self, n: int):
         self.n = n
