@@ -49,6 +49,8 @@ def rows() -> dict[str, dict[str, str]]:
     for k in FUXICTR:
         out[f"+ {LABELS[k]}"] = {**BASE, k: FUXICTR[k]}
     out["all FuxiCTR defaults"] = dict(FUXICTR)
+    # the two pieces that carry over, together: the library's defaults since this ablation
+    out["clip 10 + LR x0.1 (new defaults)"] = {**BASE, "grad_clip": "10", "reduce_lr_factor": "0.1"}
     for k in FUXICTR:
         out[f"all but {LABELS[k]}"] = {**FUXICTR, k: BASE[k]}
     return out
@@ -61,7 +63,7 @@ def mean_std(xs: list[float]) -> str:
 
 
 def run_ours(data: str, dataset, row: str, sets: dict, seeds: list[int], runs: Path, log) -> list[dict]:
-    slug = row.replace(" ", "_").replace("+", "plus").replace("/", "_")
+    slug = row.replace(" ", "_").replace("+", "plus").replace("/", "_").replace("(", "").replace(")", "")
     paths = {s: runs / f"{data}-{slug}-{s}.json" for s in seeds}
     missing = [s for s in seeds if not paths[s].exists()]
     if missing:
