@@ -32,7 +32,9 @@ PRESETS: dict[str, dict[str, str]] = {
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Optimisation protocol. Defaults: Adam 1e-3, batch 4096, early stopping on validation AUC
-    with patience 2 (AFN, AAAI 2020; BARS)."""
+    with patience 2 (AFN, AAAI 2020; BARS), gradient-norm clip 10 and the learning rate x0.1 on
+    every epoch without a gain (FuxiCTR's BaseModel; chosen by the protocol ablation,
+    docs/results/protocol.md). BatchNorm statistics are re-estimated before each evaluation."""
 
     lr: float = option(1e-3, gt=0)
     # "adam" (dense, every parameter every step) or "lazy_adam" (embedding rows of the batch
@@ -54,9 +56,12 @@ class TrainConfig:
     # coefficient of sum(E**2) over embedding tables (FuxiCTR's embedding_regularizer)
     embedding_l2: float = option(0.0, ge=0)
     net_l2: float = option(0.0, ge=0)  # coefficient of sum(W**2) over dense kernels (FuxiCTR's net_regularizer)
-    grad_clip: float = option(0.0, ge=0)  # global-norm clipping; 0 = off
-    # multiply lr by this on a non-improving epoch; 0 = off (1 would never cut)
-    reduce_lr_factor: float = option(0.0, ge=0, lt=1)
+    # Global-norm clipping; 0 = off. 10 (FuxiCTR's default) only touches the first steps, whose
+    # gradient spike would otherwise stay in Adam's second moment for the whole run
+    # (docs/results/protocol.md, §'The training protocol, by ablation').
+    grad_clip: float = option(10.0, ge=0)
+    # Multiply lr by this on a non-improving epoch (FuxiCTR's default); 0 = off (1 would never cut).
+    reduce_lr_factor: float = option(0.1, ge=0, lt=1)
     min_lr: float = option(1e-6, ge=0)
     # A new best validation score must beat the old one by more than this (FuxiCTR: 1e-6).
     min_delta: float = option(0.0, ge=0)
