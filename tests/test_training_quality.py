@@ -37,19 +37,24 @@ def test_dnn_on_frappe_reaches_measured_auc(frappe_dir):
     assert 3 <= res.best_epoch <= 15
 
 
-def test_dpn_beats_dnn_with_planted_context():
+def test_dpn_beats_dnn_with_planted_context_under_the_unclipped_protocol():
     """The paper's comparison: the DNN with its first layer replaced by a feature DPO, same widths,
-    same data, seeds and training budget, seeds trained as one sweep per model exactly as the
-    measurement (experiments/results/synthetic_context_margin.md): dpn - dnn = +0.0104 / +0.0094
-    / +0.0154 for seeds 2021-2023, mean +0.0118; under this suite's compilation settings the
-    same sweeps gave dpn 0.8014 vs dnn 0.7968 (+0.0046): at lr 3e-3 float-rounding differences
-    between compilations move single runs by ~0.004, so we assert half of the smaller
-    measurement on the 3-seed mean. A DNN widened to dpn's parameter count matches dpn in the
-    measurement table: the margin is capacity spent on the context, not a free lunch."""
+    same data, seeds and training budget, seeds trained as one sweep per model, under the protocol
+    of the measurement (experiments/results/synthetic_context_margin.md: no gradient clip, no
+    learning-rate cut): dpn - dnn = +0.0104 / +0.0094 / +0.0154 for seeds 2021-2023, mean +0.0118;
+    under this suite's compilation settings the same sweeps gave dpn 0.8014 vs dnn 0.7968
+    (+0.0046): at lr 3e-3 float-rounding differences between compilations move single runs by
+    ~0.004, so we assert half of the smaller measurement on the 3-seed mean. If the generated
+    weights were ignored or wrong, the two models would tie.
+
+    Under today's defaults (clip 10) the margin is gone: dnn 0.8052 vs dpn 0.8047
+    (experiments/results/synthetic_context_margin_new_defaults.md): the clip helps the DNN
+    (+0.012), not the DPN. What that means for the verdict on DPN is on the results pages."""
     from dpn_jax.train.sweep import fit_sweep
 
     data = make_synthetic(seed=2021, rows=60_000, vocab=10, contextual=3.0)
-    cfgs = [TrainConfig(batch_size=512, lr=3e-3, max_epochs=8, seed=s) for s in (2021, 2022, 2023)]
+    cfgs = [TrainConfig(batch_size=512, lr=3e-3, max_epochs=8, seed=s, grad_clip=0.0,
+                        reduce_lr_factor=0.0) for s in (2021, 2022, 2023)]
     quiet = {"log": lambda s: None, "progress": False}
 
     def mean_auc(name):

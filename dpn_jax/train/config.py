@@ -50,8 +50,8 @@ class TrainConfig:
     # Train at least this many epochs: before that no early stop and no learning-rate cut, for
     # models that leave a flat start slowly on a small log (a dozen steps per epoch).
     min_epochs: int = option(0, ge=0)
-    # Early-stopping score on validation: "auc" or "auc-logloss" (FuxiCTR's default monitor,
-    # which stops earlier when the model grows over-confident).
+    # Early-stopping score on validation: "auc" (FuxiCTR BaseModel's default) or "auc-logloss"
+    # (the monitor of BARS' configs, which stops earlier when the model grows over-confident).
     monitor: str = option("auc", choices=MONITORS)
     # coefficient of sum(E**2) over embedding tables (FuxiCTR's embedding_regularizer)
     embedding_l2: float = option(0.0, ge=0)
