@@ -1,0 +1,68 @@
+"""Seed-paired differences and their bootstrap interval, against direct numpy formulas."""
+
+import numpy as np
+import pytest
+
+from dpn_jax.analysis.paired import paired_difference
+
+
+def test_differences_mean_std_and_wins_are_the_direct_formulas():
+    a = {1: 0.90, 2: 0.92, 3: 0.91, 4: 0.95}
+    b = {1: 0.89, 2: 0.93, 3: 0.90, 5: 0.50}  # seed 5 unpaired, 4 unpaired
+    p = paired_difference(a, b)
+    assert p.seeds == (1, 2, 3)
+    np.testing.assert_allclose(p.diffs, [0.01, -0.01, 0.01], atol=1e-12)
+    np.testing.assert_allclose(p.mean, np.mean([0.01, -0.01, 0.01]))
+    np.testing.assert_allclose(p.std, np.std([0.01, -0.01, 0.01], ddof=1))
+    assert p.wins == 2
+    assert p.low <= p.mean <= p.high
+
+
+def test_interval_is_the_percentile_bootstrap_of_the_mean():
+    rng = np.random.default_rng(1)
+    a = {s: float(x) for s, x in enumerate(rng.normal(0.8, 0.01, 7))}
+    b = {s: float(x) for s, x in enumerate(rng.normal(0.8, 0.01, 7))}
+    p = paired_difference(a, b, resamples=2000, seed=3)
+    d = np.array([a[s] - b[s] for s in range(7)])
+    idx = np.random.default_rng(3).integers(0, 7, size=(2000, 7))
+    lo, hi = np.quantile(d[idx].mean(axis=1), [0.025, 0.975])
+    np.testing.assert_allclose([p.low, p.high], [lo, hi])
+
+
+def test_verdict_needs_the_interval_to_exclude_zero():
+    base = {s: 0.9 for s in range(5)}
+    assert paired_difference({s: 0.91 + 0.001 * s for s in range(5)}, base).verdict == "wins"
+    assert paired_difference({s: 0.89 - 0.001 * s for s in range(5)}, base).verdict == "loses"
+    noisy = {0: 0.91, 1: 0.89, 2: 0.905, 3: 0.895, 4: 0.9}
+    assert paired_difference(noisy, base).verdict == "ties"
+
+
+def test_no_common_seed_and_bad_level_are_refused():
+    with pytest.raises(ValueError, match="no seed in common"):
+        paired_difference({1: 0.5}, {2: 0.5})
+    with pytest.raises(ValueError, match="level"):
+        paired_difference({1: 0.5}, {1: 0.5}, level=1.5)
+
+
+def test_paired_script_reads_a_results_folder_and_writes_the_table(tmp_path):
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    import paired
+
+    runs = tmp_path / "t" / "runs"
+    runs.mkdir(parents=True)
+    for model, aucs in {"dpn": [0.93, 0.94, 0.95], "dnn": [0.92, 0.93, 0.94]}.items():
+        for seed, auc in zip((1, 2, 3), aucs):
+            (runs / f"{model}_monitor=auc-{seed}.json").write_text(
+                json.dumps({"model": model, "seed": seed, "status": "done", "test_auc": auc}))
+    assert paired.main(["--runs", str(tmp_path / "t"), "--pair", "dpn:dnn_monitor=auc",
+                        "--out", str(tmp_path / "p")]) == 0
+    row = json.loads((tmp_path / "p.json").read_text())["rows"][0]
+    np.testing.assert_allclose(row["mean"], 0.01)
+    assert row["wins"] == 3 and row["verdict"] == "wins"
+    assert "| `dpn` | `dnn_monitor=auc` | 3 | +0.0100" in (tmp_path / "p.md").read_text()
+    with pytest.raises(SystemExit, match="no single run named 'fm'"):
+        paired.main(["--runs", str(tmp_path / "t"), "--pair", "fm:dnn", "--out", str(tmp_path / "q")])
