@@ -4,8 +4,8 @@
         --pair dpn:dnn --pair dpn_field_dnn:dnn --out experiments/results/table1_frappe_paired
 
 ``--runs`` is a folder written by ``seeds.py`` (or ``table1.py``): its ``runs/<run>-<seed>.json``.
-A run is named by its slug (the file name without ``-<seed>.json``) or, when that is unambiguous,
-by its model name. Each pair ``A:B`` gives A - B per shared seed, their mean and std, the 95%
+A run is named by its slug (the file name without ``-<seed>.json``), by its ``--run`` text
+(``"dpn hidden=128,64"``) or, when the model has one run, by its model name. Each pair ``A:B`` gives A - B per shared seed, their mean and std, the 95%
 percentile-bootstrap interval of the mean (:mod:`dpn_jax.analysis.paired`) and a verdict: A wins
 or loses when the interval excludes 0, else ties. Writes ``<out>.md`` and ``<out>.json``.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import sys
 from collections import defaultdict
@@ -37,11 +38,22 @@ def load_runs(folder: Path, metric: str) -> tuple[dict[str, dict[int, float]], d
     return runs, by_model
 
 
+def slug(text: str) -> str:
+    """The file-name form of a run (as seeds.py writes it)."""
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", text.strip()).strip("_")
+
+
 def resolve(name: str, runs: dict[str, dict[int, float]], by_model: dict[str, set[str]]) -> dict[int, float]:
+    """A run by its slug, by its model name when that model has one run, or as seeds.py's --run
+    text (``"dpn hidden=128,64"``: the model's run whose slug ends with the options)."""
     if name in runs:
         return runs[name]
-    if len(by_model.get(name, ())) == 1:
-        return runs[next(iter(by_model[name]))]
+    model, _, options = name.strip().partition(" ")
+    found = by_model.get(model, set())
+    if options:
+        found = {s for s in found if s.endswith("_" + slug(options))}
+    if len(found) == 1:
+        return runs[next(iter(found))]
     raise SystemExit(f"--pair: no single run named {name!r} (runs: {', '.join(sorted(runs))})")
 
 

@@ -64,5 +64,13 @@ def test_paired_script_reads_a_results_folder_and_writes_the_table(tmp_path):
     np.testing.assert_allclose(row["mean"], 0.01)
     assert row["wins"] == 3 and row["verdict"] == "wins"
     assert "| `dpn` | `dnn_monitor=auc` | 3 | +0.0100" in (tmp_path / "p.md").read_text()
+    (runs / "dpn_lr=3e-3_hidden=128_64-1.json").write_text(
+        json.dumps({"model": "dpn", "seed": 1, "status": "done", "test_auc": 0.97}))
+    assert paired.main(["--runs", str(tmp_path / "t"), "--pair", "dpn hidden=128,64:dnn",
+                        "--out", str(tmp_path / "p")]) == 0
+    row = json.loads((tmp_path / "p.json").read_text())["rows"][0]
+    assert row["seeds"] == [1] and abs(row["mean"] - 0.05) < 1e-12
+    with pytest.raises(SystemExit, match="no single run named 'dpn'"):  # two dpn runs now
+        paired.main(["--runs", str(tmp_path / "t"), "--pair", "dpn:dnn", "--out", str(tmp_path / "q")])
     with pytest.raises(SystemExit, match="no single run named 'fm'"):
         paired.main(["--runs", str(tmp_path / "t"), "--pair", "fm:dnn", "--out", str(tmp_path / "q")])
