@@ -46,8 +46,9 @@ def slug(text: str) -> str:
 def resolve(name: str, runs: dict[str, dict[int, float]], by_model: dict[str, set[str]]) -> dict[int, float]:
     """A run by its slug, by its model name when that model has one run, or as seeds.py's --run
     text (``"dpn hidden=128,64"``: the model's run whose slug ends with the options)."""
-    if name in runs:
-        return runs[name]
+    for key in (name, slug(name)):
+        if key in runs:
+            return runs[key]
     model, _, options = name.strip().partition(" ")
     found = by_model.get(model, set())
     if options:
