@@ -72,22 +72,70 @@ OUT_OF_FAST_LANE = {
     "tests/test_experiments.py::test_dien_probe_knockouts_match_independent_routes":
         "an experiment script's second route",
     "tests/test_experiments.py::test_seeds_script_continues_a_killed_sweep": "kill/resume",
-    # one training smoke run per zoo family stays in the lane (autoint; crossnet, dcn, dcnv2, cin)
-    **{f"tests/test_zoo_deep_family.py::test_training_smoke[{m}]": "one smoke run per family stays"
-       for m in ("afn", "afn_plus", "autoint_plus", "apg", "finalmlp")},
-    "tests/test_zoo_cross_family.py::test_training_smoke[xdeepfm]": "one smoke run per family stays",
-    **{f"tests/test_transformer_models.py::test_models_are_padding_invariant[{m}]":
-       "bst's padding invariance runs in the lane" for m in ("bst_dpo", "dyjoint")},
-    "tests/test_sequence_models.py::test_embedding_init_std_sets_the_table_init[dien]":
-        "din's runs in the lane",
+    "tests/test_sweep.py::test_replicas_equal_sequential_runs":
+        "test_chunks_equal_one_program_and_memory_plan compares sweep programs in the lane",
+    "tests/test_tune.py::test_select_seeds_trains_the_top_trials_on_the_other_seeds":
+        "test_tune_cli_end_to_end runs in the lane",
+    "tests/test_dien.py::test_query_transform_dense_prelu_is_dien_public_code":
+        "an equivalence with DIEN's public code; DIEN's own tests run in the lane",
+    "tests/test_knockout.py::test_cli_evaluate_knockout_refusals_are_one_line":
+        "the knock-out command runs in the lane",
+    "tests/test_by_frequency.py::test_cli_evaluate_by_frequency_end_to_end":
+        "by-frequency's functions are tested in the lane",
+    "tests/test_checkpoint.py::test_mid_epoch_resume_equals_uninterrupted": "kill/resume",
+    "tests/test_checkpoint.py::test_unusable_checkpoints_give_one_line_and_no_traceback":
+        "several resume attempts",
+    "tests/test_zoo_deep_family.py::test_training_smoke": "one smoke run per family stays (crossnet, fm)",
+    "tests/test_dispatch.py::test_non_finite_steps_inside_a_block_are_skipped_or_stop_like_one_per_dispatch":
+        "blocks equal one step per dispatch in the lane; non-finite handling in test_checkpoint",
+    "tests/test_dispatch.py::test_lazy_adam_in_blocks_equals_one_step_per_dispatch":
+        "blocks equal one step per dispatch with Adam in the lane",
 }
+
+
+# Tests run once per model or case: the lane keeps the first case of each (all indices 0), the
+# full suite runs every case.
+FIRST_CASE_IN_FAST_LANE = {
+    "tests/test_zoo_deep_family.py::test_model_finite_logits_and_grads",
+    "tests/test_zoo_cross_family.py::test_finite_logits_and_grads",
+    "tests/test_zoo_fm_family.py::test_finite_logits_and_grads",
+    "tests/test_zoo_cross_family.py::test_training_smoke",
+    "tests/test_zoo_fm_family.py::test_training_smoke",
+    "tests/test_models_basic.py::test_every_model_gives_finite_logits_and_grads",
+    "tests/test_models_dpn.py::test_dpn_models_shapes_and_gradients",
+    "tests/test_models_dpn.py::test_per_field_context_equals_explicit_sum",
+    "tests/test_sequence_models.py::test_embedding_init_std_sets_the_table_init",
+    "tests/test_sequence_models.py::test_models_are_padding_invariant",
+    "tests/test_sequence_models.py::test_every_layer_is_padding_invariant",
+    "tests/test_transformer_models.py::test_length_one_and_empty_histories",
+    "tests/test_transformer_models.py::test_every_layer_is_padding_invariant",
+    "tests/test_transformer_models.py::test_models_are_padding_invariant",
+    "tests/test_dien.py::test_models_are_padding_invariant",
+    "tests/test_dien.py::test_recurrence_matches_python_loop_and_ignores_padding",
+    "tests/test_knockout.py::test_feature_dpo_knocked_out_is_its_static_dense_layer",
+    "tests/test_knockout.py::test_field_dpo_knocked_out_is_the_static_kernel_times_the_aggregated_constant",
+    "tests/test_knockout.py::test_query_behaviour_dpo_knocked_out_applies_the_static_kernel_to_every_valid_step",
+    "tests/test_cli.py::test_train_user_csv_end_to_end",
+    "tests/test_mkl_matmul.py::test_model_with_mkl_products_equals_xla_bf16",
+    "tests/test_precision.py::test_model_with_bf16_products_matches_float32_closely",
+    "tests/test_lowering.py::test_train_step_lowers_for_gpu_and_tpu",
+    "tests/test_outputs_atomic.py::test_failed_predict_keeps_the_previous_output_and_names_file_and_row",
+}
+
+
+def _fast_lane_exclusion(item) -> str | None:
+    if item.name.endswith("__without_jit"):
+        return "its __with_jit twin runs in the fast lane"
+    base = item.nodeid.split("[", 1)[0]
+    callspec = getattr(item, "callspec", None)
+    if base in FIRST_CASE_IN_FAST_LANE and callspec and any(callspec.indices.values()):
+        return "the first case runs in the fast lane"
+    return OUT_OF_FAST_LANE.get(item.nodeid) or OUT_OF_FAST_LANE.get(base)
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        reason = OUT_OF_FAST_LANE.get(item.nodeid)
-        if item.name.endswith("__without_jit"):
-            reason = "its __with_jit twin runs in the fast lane"
+        reason = _fast_lane_exclusion(item)
         if reason and item.get_closest_marker("slow") is None:
             item.add_marker(pytest.mark.slow(fast_lane=reason))
 
