@@ -93,6 +93,43 @@ OUT_OF_FAST_LANE = {
 }
 
 
+# End-to-end and multi-step runs that take 4 s or more on 2 cores (measured with --junitxml): the
+# units they compose are tested in the lane, the full suite runs them.
+END_TO_END = {
+    "tests/test_train.py::TestTrainStep::test_step_same_with_and_without_jit__with_jit",
+    "tests/test_train.py::test_same_seed_bit_identical_and_best_restored",
+    "tests/test_tune.py::test_tune_cli_end_to_end",
+    "tests/test_knockout.py::test_cli_evaluate_knockout_on_a_trained_bundle",
+    "tests/test_by_frequency.py::test_cli_errors_are_one_line",
+    "tests/test_mkl_matmul.py::test_model_with_mkl_products_equals_xla_bf16",
+    "tests/test_dispatch.py::test_many_steps_per_dispatch_and_device_data_train_exactly_like_one",
+    "tests/test_benchmark.py::test_tiny_harness_run_reports_every_row",
+    "tests/test_outputs_atomic.py::test_failed_predict_keeps_the_previous_output_and_names_file_and_row",
+    "tests/test_outputs_atomic.py::test_train_replaces_only_its_own_bundle_atomically_keeping_checkpoints",
+    "tests/test_engine.py::test_fit_equals_a_hand_written_loop_bit_for_bit",
+    "tests/test_sweep.py::test_chunks_equal_one_program_and_memory_plan",
+    "tests/test_sweep.py::test_stopped_replicas_are_compacted_away",
+    "tests/test_lowering.py::test_export_of_a_trained_bundle_for_gpu_and_tpu",
+    "tests/test_lazy_adam.py::test_vmapped_replicas_with_their_own_clip_equal_their_own_steps",
+    "tests/test_lazy_adam.py::test_native_kernel_equals_the_xla_update",
+    "tests/test_lazy_adam.py::TestLazyEqualsDense::test_no_repeated_rows_means_dense_adam__with_jit",
+    "tests/test_lazy_adam.py::test_rows_absent_from_a_batch_stay_put",
+    "tests/test_models_dpn.py::test_dpn_models_shapes_and_gradients",
+    "tests/test_models_dpn.py::test_self_field_dpn_is_additive_in_the_fields_and_sum_is_not",
+    "tests/test_sequence_models.py::test_embedding_init_std_sets_the_table_init",
+    "tests/test_sequence_models.py::TestModels::test_shapes_and_finite_gradients__with_jit",
+    "tests/test_dpo_generate.py::test_gradients_match_finite_differences",
+    "tests/test_transformer_models.py::test_bst_is_bst_dpo_without_dpo",
+    "tests/test_data_tabular_builtins.py::test_cli_data_list_prepare_and_train",
+    "tests/test_checkpoint.py::test_nan_stops_keeping_the_last_good_checkpoint_then_skip_resumes",
+    "tests/test_checkpoint.py::test_truncated_checkpoint_is_reported",
+    "tests/test_experiments.py::test_seeds_script_sweeps_writes_and_resumes",
+    "tests/test_dispatch.py::test_checkpoints_fall_on_the_block_passing_each_multiple",
+    "tests/test_outputs_atomic.py::test_failed_export_keeps_the_previous_export",
+    "tests/test_benchmark.py::test_matmul_dtypes_add_rows_for_models_with_the_option",
+    "tests/test_lazy_adam.py::test_native_kernel_under_vmap_updates_each_replica",
+}
+
 # Tests run once per model or case: the lane keeps the first case of each (all indices 0), the
 # full suite runs every case.
 FIRST_CASE_IN_FAST_LANE = {
@@ -130,6 +167,8 @@ def _fast_lane_exclusion(item) -> str | None:
     callspec = getattr(item, "callspec", None)
     if base in FIRST_CASE_IN_FAST_LANE and callspec and any(callspec.indices.values()):
         return "the first case runs in the fast lane"
+    if base in END_TO_END:
+        return "an end-to-end or multi-step run; its units are tested in the lane"
     return OUT_OF_FAST_LANE.get(item.nodeid) or OUT_OF_FAST_LANE.get(base)
 
 

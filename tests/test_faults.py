@@ -24,7 +24,7 @@ import pytest
 
 from dpn_jax.faults import ENV
 
-pytestmark = pytest.mark.slow
+# The kill tests are slow (subprocesses killed and rerun); the fault-point parser runs in the lane.
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = 26  # the kill points of every command are drawn from random.Random(SEED + command)
@@ -165,6 +165,7 @@ def _last_checkpoint(out: Path) -> int:
     return max((int(p.name) for p in d.iterdir() if p.name.isdigit()), default=0) if d.is_dir() else 0
 
 
+@pytest.mark.slow
 def test_killed_training_leaves_no_half_bundle_and_resumes_to_the_uninterrupted_one(tiny, tmp_path):
     rng = random.Random(SEED + 1)
     out = tmp_path / "run"
@@ -211,6 +212,7 @@ def _sweep_outputs(out: Path, groups: set[str]) -> dict | None:
     return json.loads((out / "sweep.json").read_text()) if done[1] else None
 
 
+@pytest.mark.slow
 def test_killed_sweep_leaves_no_half_output_and_reruns_to_the_uninterrupted_results(tiny, tmp_path):
     rng = random.Random(SEED + 2)
     _in_process(tiny.sweep(tmp_path / "reference"))
@@ -234,6 +236,7 @@ def test_killed_sweep_leaves_no_half_output_and_reruns_to_the_uninterrupted_resu
 # ----------------------------------------------------------------------------- predict
 
 
+@pytest.mark.slow
 def test_killed_predict_leaves_the_output_absent_previous_or_complete(tiny, tmp_path):
     rng = random.Random(SEED + 3)
     chunks = PREDICT_ROWS // PREDICT_BATCH
@@ -274,6 +277,7 @@ def _frappe_x1_files(d: Path) -> None:
         (d / "Frappe_x1" / f"{split}.csv").write_text("\n".join(lines) + "\n")
 
 
+@pytest.mark.slow
 def test_killed_data_prepare_leaves_no_half_cache(tmp_path):
     from dpn_jax.data import load_dataset
 
