@@ -17,6 +17,7 @@ Add ``--set key=value`` to change the protocol for every model (e.g. ``--set emb
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -56,7 +57,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.report_only:
         forwarded.append("--report-only")
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-    return seeds.main(forwarded, command=command)
+    rc = seeds.main(forwarded, command=command)
+    note_missing(stem, runs, len(args.seeds.split(",")))
+    return rc
+
+
+def note_missing(stem: Path, models: list[str], n_seeds: int) -> None:
+    """Say in the table which of its models have fewer finished seeds than asked (none silently)."""
+    table = stem.with_suffix(".md")
+    if not table.exists():
+        return
+    finished = [json.loads(f.read_text()).get("model") for f in (stem / "runs").glob("*.json")]
+    done = {m: finished.count(m) for m in models}
+    missing = [m for m, n in done.items() if n < n_seeds]
+    if missing:
+        line = ("Not in the table yet (fewer finished seeds than asked; a rerun of the command "
+                f"resumes them): {', '.join(f'`{m}` ({done[m]})' for m in missing)}.")
+        text = table.read_text()
+        head, sep, rest = text.partition("\n| run |")
+        table.write_text(f"{head}\n{line}\n\n{sep.lstrip(chr(10))}{rest}" if sep else text + line + "\n")
 
 
 if __name__ == "__main__":
