@@ -212,3 +212,18 @@ def test_dien_probe_attention_stats():
     # unnormalised (sigmoid) rows are divided by their sum first
     np.testing.assert_allclose(dien_probe.attention_stats([[0.5 * uniform], [0.2 * peaked]]),
                                (1.9, (1.0 + ent) / 2))
+
+
+def test_table1_names_the_models_it_still_lacks(tmp_path):
+    import table1
+
+    stem = tmp_path / "table1_x"
+    (stem / "runs").mkdir(parents=True)
+    for seed in (1, 2):
+        (stem / "runs" / f"dnn_monitor=auc-{seed}.json").write_text(json.dumps({"model": "dnn", "seed": seed}))
+    (stem / "runs" / "dpn_field_monitor=auc-1.json").write_text(json.dumps({"model": "dpn_field", "seed": 1}))
+    stem.with_suffix(".md").write_text("# t\n\nVersions: {}\n\n| run | test AUC |\n|---|---|\n| `dnn` | 0.9 |\n")
+    table1.note_missing(stem, ["dnn", "dpn", "dpn_field"], 2)
+    text = stem.with_suffix(".md").read_text()
+    assert "Not in the table yet" in text and "`dpn` (0), `dpn_field` (1)." in text and "`dnn`" not in text.split("|")[0]
+    assert text.index("Not in the table yet") < text.index("| run |")
