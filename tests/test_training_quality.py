@@ -27,12 +27,13 @@ def test_dnn_on_synthetic_gets_close_to_bayes_auc():
 
 @pytest.mark.realdata
 def test_dnn_on_frappe_reaches_measured_auc(frappe_dir):
-    # Measured: 0.9362 / 0.9366 test AUC for seed 2021 under the plain protocol (Adam 1e-3,
-    # batch 4096, patience 2, no regularisation), best epoch 9.
+    # Measured for seed 2021 under the defaults (clip 10, learning rate /10 on a plateau): test AUC
+    # 0.9433, best epoch 7 (experiments/results/fuxictr_parity_frappe.md); 0.9362 under the
+    # protocol before the ablation, so the bound also catches a return to it.
     data = load_dataset("frappe", data_dir=frappe_dir)
     model = build_model("dnn", data.schema)
     res = fit(model, data, TrainConfig(seed=2021), log=lambda s: None, progress=False)
-    assert res.test["auc"] > 0.930, res.test
+    assert res.test["auc"] > 0.939, res.test
     assert res.valid["auc"] > 0.94
     assert 3 <= res.best_epoch <= 15
 
