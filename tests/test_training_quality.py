@@ -28,12 +28,13 @@ def test_dnn_on_synthetic_gets_close_to_bayes_auc():
 @pytest.mark.realdata
 def test_dnn_on_frappe_reaches_measured_auc(frappe_dir):
     # Measured for seed 2021 under the defaults (clip 10, learning rate /10 on a plateau): test AUC
-    # 0.9433, best epoch 7 (experiments/results/fuxictr_parity_frappe.md); 0.9362 under the
-    # protocol before the ablation, so the bound also catches a return to it.
+    # 0.9433, best epoch 7, and 0.9397-0.9424 for seeds 2022-2025
+    # (experiments/results/fuxictr_parity_frappe.md); 0.9362 under the protocol before the
+    # ablation. The bound leaves room for another CPU's rounding.
     data = load_dataset("frappe", data_dir=frappe_dir)
     model = build_model("dnn", data.schema)
     res = fit(model, data, TrainConfig(seed=2021), log=lambda s: None, progress=False)
-    assert res.test["auc"] > 0.939, res.test
+    assert res.test["auc"] > 0.937, res.test
     assert res.valid["auc"] > 0.94
     assert 3 <= res.best_epoch <= 15
 
