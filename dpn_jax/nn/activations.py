@@ -26,7 +26,7 @@ class Dice(nn.Module):
     in a scale- and shift-free ``BatchNorm`` named ``bn`` (so ``bn_recalibrate`` re-estimates
     them like any other BatchNorm).  ``α`` starts at 0 (DIN's code, DeepCTR, FuxiCTR).
     ``momentum`` uses Flax's convention (0.9 = PyTorch's 0.1, FuxiCTR's Dice; DIN's TF code and
-    DeepCTR use 0.99, NOTES §8).  ``epsilon`` 1e-8 (DeepCTR; DIN's code: 1e-9).
+    DeepCTR use 0.99; docs/results/protocol.md, §'BatchNorm statistics').  ``epsilon`` 1e-8 (DeepCTR; DIN's code: 1e-9).
     """
 
     momentum: float = 0.9
