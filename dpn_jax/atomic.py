@@ -100,6 +100,18 @@ def write_text(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
+def save_figure(fig: Any, path: str | Path, dpi: int) -> Path:
+    """Save a matplotlib figure to ``path`` (format from the suffix) whole or not at all, and
+    close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def write_bytes(path: str | Path, data: bytes) -> Path:
     with atomic_write(path, "wb") as fh:
         fh.write(data)

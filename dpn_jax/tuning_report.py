@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dpn_jax.atomic import atomic_path
+from dpn_jax.atomic import save_figure
 from dpn_jax.tune_spaces import space_yaml
 
 LOG_SCALE = ("lr", "min_lr")  # with every *_l2 option: searched over decades
@@ -138,8 +138,4 @@ def plot_tune(report: dict[str, Any], path: str | Path,
     fig.suptitle(f"{report['model']} on {report['data']}: mean validation AUC per trial, error bar: "
                  "std over seeds (red: selected; grey: not selectable, fewer seeds or diverged)", fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from dpn_jax.atomic import atomic_path
+from dpn_jax.atomic import save_figure
 from dpn_jax.errors import ConfigError, DataError
 from dpn_jax.metrics import auc, logloss, logloss_from_logits
 
@@ -317,8 +317,4 @@ def plot_auc_by_bucket(per_model: Mapping[str, Sequence[Any]], path: str | Path,
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
