@@ -221,12 +221,7 @@ def _cmd_bench(args) -> int:
                        matmul_dtypes=_csv(args.matmul_dtypes, "float32"), rounds=args.rounds,
                        loop=args.loop, steps_per_dispatch=_ints(args.steps_per_dispatch, "--steps-per-dispatch"),
                        data_on_device=_csv(args.data_on_device, "false,true"), log=log)
-    command = _bench_command()
-    text = format_markdown(result, command)
-    print(text)
-    if args.out:
-        _write_out(args.out, text, {**result, "command": command})
-    return 0
+    return _report(args.out, result, format_markdown)
 
 
 def _bench_accuracy(args, log) -> int:
@@ -242,11 +237,17 @@ def _bench_accuracy(args, log) -> int:
         raise ConfigError(f"--peer fuxictr: {why}")
     result = compare_accuracy(args.data, parse_seeds(args.seeds), sets=args.sets, peer_sets=args.peer_sets,
                               data_dir=args.data_dir, log=log)
+    return _report(args.out, result, format_accuracy)
+
+
+def _report(out: str | None, result: dict, format_fn) -> int:
+    """Print a bench result as Markdown headed by its command; with ``--out`` also write
+    ``OUT.md`` and ``OUT.json``."""
     command = _bench_command()
-    text = format_accuracy(result, command)
+    text = format_fn(result, command)
     print(text)
-    if args.out:
-        _write_out(args.out, text, {**result, "command": command})
+    if out:
+        _write_out(out, text, {**result, "command": command})
     return 0
 
 
