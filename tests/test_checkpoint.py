@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from csv_fixtures import write_tiny_csv_spec
 
 import dpn_jax.data
 from dpn_jax.cli import main
@@ -266,26 +266,8 @@ def test_skip_leaves_state_bit_identical(tiny_synthetic, optimizer):
         make_train_step(model, cfg.replace(on_nonfinite="ignore"), tx)
 
 
-def _write_csv_spec(d: Path) -> Path:
-    rng = np.random.default_rng(0)
-    u, v = rng.integers(0, 8, 600), rng.integers(0, 5, 600)
-    y = (rng.random(600) < 1 / (1 + np.exp(-(u % 3 - 1.0)))).astype(int)
-    (d / "data.csv").write_text("y,u,v\n" + "".join(f"{a},u{b},v{c}\n" for a, b, c in zip(y, u, v)))
-    (d / "spec.yaml").write_text(textwrap.dedent("""\
-        name: tiny
-        format: csv
-        train: data.csv
-        split: {valid: 0.2, test: 0.2, seed: 1}
-        label: y
-        fields:
-          - {name: u, type: categorical}
-          - {name: v, type: categorical}
-        """))
-    return d / "spec.yaml"
-
-
 def test_cli_checkpoint_dir_and_resume(tmp_path, capsys):
-    spec = _write_csv_spec(tmp_path)
+    spec = write_tiny_csv_spec(tmp_path)
     base = ["train", "--model", "lr", "--data", str(spec), "--no-progress", "--set", "batch_size=128",
             "--set", "max_epochs=2"]
     out = tmp_path / "run"
@@ -324,7 +306,7 @@ def test_unusable_checkpoints_give_one_line_and_no_traceback(tmp_path, capsys):
     """Orbax abandons the reads still in flight when one fails; they used to surface as
     "Event loop is closed" tracebacks and "exception was never retrieved" logs after the error
     line (in about half the runs: the resume is repeated to catch it)."""
-    spec = _write_csv_spec(tmp_path)
+    spec = write_tiny_csv_spec(tmp_path)
     out = tmp_path / "run"
     assert main(["train", "--model", "lr", "--data", str(spec), "--no-progress", "--set", "batch_size=128",
                  "--set", "max_epochs=2", "--out", str(out)]) == 0

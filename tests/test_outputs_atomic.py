@@ -6,11 +6,10 @@ from __future__ import annotations
 import csv
 import json
 import os
-import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
+from csv_fixtures import write_tiny_csv_spec
 from test_serving_data import trained_bundle
 
 from dpn_jax import atomic
@@ -172,24 +171,6 @@ def test_failed_export_keeps_the_previous_export(bundle: Path, tmp_path: Path, m
 # ----------------------------------------------------------------------------- train --out
 
 
-def _spec(d: Path) -> Path:
-    rng = np.random.default_rng(0)
-    u, v = rng.integers(0, 8, 600), rng.integers(0, 5, 600)
-    y = (rng.random(600) < 1 / (1 + np.exp(-(u % 3 - 1.0)))).astype(int)
-    (d / "data.csv").write_text("y,u,v\n" + "".join(f"{a},u{b},v{c}\n" for a, b, c in zip(y, u, v)))
-    (d / "spec.yaml").write_text(textwrap.dedent("""\
-        name: tiny
-        format: csv
-        train: data.csv
-        split: {valid: 0.2, test: 0.2, seed: 1}
-        label: y
-        fields:
-          - {name: u, type: categorical}
-          - {name: v, type: categorical}
-        """))
-    return d / "spec.yaml"
-
-
 def _train(spec: Path, out: Path, *extra: str) -> list[str]:
     return ["train", "--model", "lr", "--data", str(spec), "--out", str(out), "--no-progress",
             "--set", "batch_size=128", "--set", "max_epochs=2", *extra]
@@ -202,7 +183,7 @@ def _one_error(capsys) -> str:
 
 
 def test_train_refuses_a_folder_that_is_not_a_bundle(tmp_path: Path, capsys) -> None:
-    spec = _spec(tmp_path)
+    spec = write_tiny_csv_spec(tmp_path)
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "results.json").write_text('{"my": "results"}')
@@ -227,7 +208,7 @@ def test_train_replaces_only_its_own_bundle_atomically_keeping_checkpoints(tmp_p
                                                                            monkeypatch) -> None:
     from dpn_jax.serving import bundle as bundle_module
 
-    spec = _spec(tmp_path)
+    spec = write_tiny_csv_spec(tmp_path)
     out = tmp_path / "run"
     assert main(_train(spec, out)) == 0
     capsys.readouterr()
