@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shlex
 import sys
 from collections import defaultdict
 from pathlib import Path
 
-from dpn_jax.analysis.paired import paired_difference
-from dpn_jax.atomic import write_text
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import seeds  # noqa: E402  (the run slugs seeds.py writes)
+
+from dpn_jax.analysis.paired import paired_difference  # noqa: E402
+from dpn_jax.atomic import write_text  # noqa: E402
 
 
 def load_runs(folder: Path, metric: str) -> tuple[dict[str, dict[int, float]], dict[str, set[str]]]:
@@ -38,21 +41,16 @@ def load_runs(folder: Path, metric: str) -> tuple[dict[str, dict[int, float]], d
     return runs, by_model
 
 
-def slug(text: str) -> str:
-    """The file-name form of a run (as seeds.py writes it)."""
-    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", text.strip()).strip("_")
-
-
 def resolve(name: str, runs: dict[str, dict[int, float]], by_model: dict[str, set[str]]) -> dict[int, float]:
     """A run by its slug, by its model name when that model has one run, or as seeds.py's --run
     text (``"dpn hidden=128,64"``: the model's run whose slug ends with the options)."""
-    for key in (name, slug(name)):
+    for key in (name, seeds.slug(name)):
         if key in runs:
             return runs[key]
     model, _, options = name.strip().partition(" ")
     found = by_model.get(model, set())
     if options:
-        found = {s for s in found if s.endswith("_" + slug(options))}
+        found = {s for s in found if s.endswith("_" + seeds.slug(options))}
     if len(found) == 1:
         return runs[next(iter(found))]
     raise SystemExit(f"--pair: no single run named {name!r} (runs: {', '.join(sorted(runs))})")
