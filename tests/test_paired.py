@@ -74,3 +74,67 @@ def test_paired_script_reads_a_results_folder_and_writes_the_table(tmp_path):
         paired.main(["--runs", str(tmp_path / "t"), "--pair", "dpn:dnn", "--out", str(tmp_path / "q")])
     with pytest.raises(SystemExit, match="no single run named 'fm'"):
         paired.main(["--runs", str(tmp_path / "t"), "--pair", "fm:dnn", "--out", str(tmp_path / "q")])
+
+
+def _experiments():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+
+
+def _fake_tune(folder, model, final, configuration, valid=0.9):
+    import json
+
+    folder.mkdir(parents=True)
+    (folder / "tune.json").write_text(json.dumps({
+        "model": model, "data": "toy", "command": f"dpn-jax tune --model {model}",
+        "selected": {"configuration": configuration, "valid_auc_mean": valid},
+        "final": {"replicas": [{"seed": s, "test_auc": a} for s, a in final.items()]},
+        "trials": [{"seeds": [1]}, {"seeds": [1, 2, 3]}]}))
+
+
+def test_tuned_table_pairs_the_final_seeds_and_finds_the_best_baseline(tmp_path):
+    import json
+
+    _experiments()
+    import tuned_table
+
+    _fake_tune(tmp_path / "a", "dnn", {7: 0.90, 8: 0.91, 9: 0.92}, "dropout=0.1")
+    _fake_tune(tmp_path / "b", "dcn", {7: 0.91, 8: 0.92, 9: 0.93}, "")
+    _fake_tune(tmp_path / "c", "dpn", {7: 0.905, 8: 0.915, 9: 0.925}, "rank=2")
+    untuned = tmp_path / "t1.json"
+    untuned.write_text(json.dumps({"rows": [{"run": "dnn", "test_auc": [0.88, 0.89]}]}))
+    tuned_table.main(["--tune", str(tmp_path / "a"), "--tune", str(tmp_path / "b"),
+                      "--tune", str(tmp_path / "c"), "--untuned", str(untuned),
+                      "--pair", "dpn:dnn", "--pair", "dpn:best-baseline", "--out", str(tmp_path / "o")])
+    out = json.loads((tmp_path / "o.json").read_text())
+    assert out["best_baseline"] == "dcn"  # dpn* models are not baselines
+    (vs_dnn, vs_best) = out["pairs"]
+    np.testing.assert_allclose([vs_dnn["mean"], vs_best["mean"]], [0.005, -0.005])
+    assert (vs_dnn["verdict"], vs_best["verdict"], vs_best["b"]) == ("wins", "loses", "dcn")
+    md = (tmp_path / "o.md").read_text()
+    assert "| `dnn` | `dropout=0.1` | 2 (4) | 0.9000 | 0.9100 ± 0.0100 | 0.8850 ± 0.0071 | +0.0250 |" in md
+    assert "| `dcn` | `defaults` |" in md
+    _fake_tune(tmp_path / "d", "fm", {1: 0.9, 2: 0.9}, "")
+    with pytest.raises(SystemExit, match="final seeds differ"):
+        tuned_table.main(["--tune", str(tmp_path / "a"), "--tune", str(tmp_path / "d"),
+                          "--out", str(tmp_path / "o")])
+
+
+def test_knockout_table_summarises_reports_over_seeds():
+    _experiments()
+    import knockout_table
+
+    def report(seed, trained, knocked, share):
+        return {"seed": seed, "with": {"auc": trained}, "without": {"auc": knocked},
+                "mean_abs_delta_logit": 0.5, "logit_std": 5.0,
+                "layers": [{"layer": "dpo_0", "kind": "feature", "share": share}]}
+
+    row = knockout_table.summarise("dpn rank=2", [report(1, 0.90, 0.85, 0.2), report(2, 0.92, 0.86, 0.4)])
+    np.testing.assert_allclose(row["delta_auc"], [-0.05, -0.06])
+    np.testing.assert_allclose(row["shift_over_std"], [0.1, 0.1])
+    assert row["dynamic_share"] == {"dpo_0 (feature)": [0.2, 0.4]}
+    md = knockout_table.render([row], "cmd", "toy")
+    assert "| `dpn rank=2` | 2 | 0.9100 ± 0.0141 | 0.8550 ± 0.0071 | -0.0550 ± 0.0071 | 10.0 ± 0.0% |" in md
+    assert "`dpo_0 (feature)` 0.300 ± 0.141" in md
