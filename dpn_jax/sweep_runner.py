@@ -107,7 +107,9 @@ def mean_std(xs: list[float]) -> str:
     xs = [x for x in xs if x == x]
     if not xs:
         return "-"
-    return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.4f}"
+    if len(xs) == 1:  # one seed has no spread: its value alone, not "± 0.0000"
+        return f"{xs[0]:.4f}"
+    return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs):.4f}"
 
 
 def run_sweep(model: str, data, *, seeds: Sequence[int], grid: dict[str, list[str]] | None = None,

@@ -227,6 +227,14 @@ def test_run_sweep_groups_by_shape_and_resumes(tiny_synthetic, tmp_path, monkeyp
     assert calls == [] and again["rows"] == summary["rows"]
 
 
+def test_sweep_table_shows_one_seed_without_a_spread():
+    from dpn_jax.sweep_runner import mean_std
+
+    assert mean_std([0.9123]) == "0.9123"  # not "0.9123 ± 0.0000": one seed has no spread
+    assert mean_std([0.9, 0.92]) == "0.9100 ± 0.0141"
+    assert mean_std([float("nan")]) == "-"
+
+
 def test_parse_seeds_and_grid_errors():
     assert parse_seeds("2021-2023") == [2021, 2022, 2023]
     assert parse_seeds("5,1-2") == [1, 2, 5]
