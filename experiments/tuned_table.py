@@ -96,11 +96,15 @@ def main(argv: list[str] | None = None) -> None:
                   "0, else ties." + (f" Best baseline: `{best}`." if best else ""), "",
                   "| A | B | A − B | 95% CI | seeds A > B | verdict | per seed |",
                   "|---|---|---:|---|---:|---|---|"]
+        done = set()
         for pair in args.pair:
             a, sep, b = pair.partition(":")
             b = best if b == "best-baseline" else b
             if not sep or a not in tunes or b not in tunes:
                 raise SystemExit(f"--pair {pair!r}: expected A:B among the tuned models {sorted(tunes)}")
+            if (a, b) in done:  # best-baseline named a model already paired
+                continue
+            done.add((a, b))
             r = paired_difference(tunes[a]["final"], tunes[b]["final"])
             rows.append({"a": a, "b": b, **r._asdict(), "verdict": r.verdict})
             lines.append(f"| `{a}` | `{b}` | {r.mean:+.4f} ± {r.std:.4f} | [{r.low:+.4f}, {r.high:+.4f}] | "

@@ -107,10 +107,11 @@ def test_tuned_table_pairs_the_final_seeds_and_finds_the_best_baseline(tmp_path)
     untuned.write_text(json.dumps({"rows": [{"run": "dnn", "test_auc": [0.88, 0.89]}]}))
     tuned_table.main(["--tune", str(tmp_path / "a"), "--tune", str(tmp_path / "b"),
                       "--tune", str(tmp_path / "c"), "--untuned", str(untuned),
-                      "--pair", "dpn:dnn", "--pair", "dpn:best-baseline", "--out", str(tmp_path / "o")])
+                      "--pair", "dpn:dnn", "--pair", "dpn:best-baseline", "--pair", "dpn:dcn",
+                      "--out", str(tmp_path / "o")])
     out = json.loads((tmp_path / "o.json").read_text())
     assert out["best_baseline"] == "dcn"  # dpn* models are not baselines
-    (vs_dnn, vs_best) = out["pairs"]
+    (vs_dnn, vs_best) = out["pairs"]  # dpn:dcn is dpn:best-baseline again, listed once
     np.testing.assert_allclose([vs_dnn["mean"], vs_best["mean"]], [0.005, -0.005])
     assert (vs_dnn["verdict"], vs_best["verdict"], vs_best["b"]) == ("wins", "loses", "dcn")
     md = (tmp_path / "o.md").read_text()
