@@ -93,7 +93,7 @@ def render(rows: list[dict], command: str, data: str) -> str:
     for r in rows:
         shares = "; ".join(f"`{k}` {mean_std(v, '.3f')}" for k, v in r["dynamic_share"].items())
         lines.append(f"| `{r['run']}` | {len(r['seeds'])} | {mean_std(r['trained_auc'])} | "
-                     f"{mean_std(r['knocked_out_auc'])} | {mean_std(r['delta_auc'], sign=True)} | "
+                     f"{mean_std(r['knocked_out_auc'])} | {mean_std(r['delta_auc'], '.5f', sign=True)} | "
                      f"{mean_std([100 * s for s in r['shift_over_std']], '.1f')}% | {shares} |")
     lines += ["", "Mean ± sample standard deviation over seeds."]
     return "\n".join(lines) + "\n"

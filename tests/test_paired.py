@@ -137,5 +137,5 @@ def test_knockout_table_summarises_reports_over_seeds():
     np.testing.assert_allclose(row["shift_over_std"], [0.1, 0.1])
     assert row["dynamic_share"] == {"dpo_0 (feature)": [0.2, 0.4]}
     md = knockout_table.render([row], "cmd", "toy")
-    assert "| `dpn rank=2` | 2 | 0.9100 ± 0.0141 | 0.8550 ± 0.0071 | -0.0550 ± 0.0071 | 10.0 ± 0.0% |" in md
+    assert "| `dpn rank=2` | 2 | 0.9100 ± 0.0141 | 0.8550 ± 0.0071 | -0.05500 ± 0.00707 | 10.0 ± 0.0% |" in md
     assert "`dpo_0 (feature)` 0.300 ± 0.141" in md
