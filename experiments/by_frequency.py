@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import shlex
-import shutil
 import statistics
 import sys
 import time
@@ -29,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from seeds import slug  # noqa: E402
+from seeds import train_bundle  # noqa: E402
 from table1 import PROTOCOL  # noqa: E402
 
 from dpn_jax.analysis.by_frequency import (  # noqa: E402
@@ -43,7 +42,7 @@ from dpn_jax.analysis.by_frequency import (  # noqa: E402
 from dpn_jax.analysis.evaluate import evaluate_bundle  # noqa: E402
 from dpn_jax.data import load_dataset  # noqa: E402
 from dpn_jax.metrics import auc  # noqa: E402
-from dpn_jax.runner import run_train, versions  # noqa: E402
+from dpn_jax.runner import versions  # noqa: E402
 from dpn_jax.train import xla_cache  # noqa: E402
 
 # Frappe's users: 878 in train, median 14 training rows per user, but the test rows are dominated
@@ -59,22 +58,6 @@ def parse_seeds(text: str) -> list[int]:
     if "," not in text and text.isdigit() and int(text) < 1000:
         return list(range(2021, 2021 + int(text)))
     return [int(s) for s in text.split(",") if s]
-
-
-def train_bundle(model: str, data: str, seed: int, sets: list[str], work: Path,
-                 data_dir: str | None) -> tuple[Path, bool]:
-    """The bundle of (model, seed) in ``work``, trained unless already there; (path, trained)."""
-    out = work / f"{slug(' '.join([model, *sets]))}-{seed}"
-    if (out / "bundle.json").is_file():
-        print(f"{model} seed {seed}: reusing {out}", file=sys.stderr, flush=True)
-        return out, False
-    t0 = time.perf_counter()
-    r = run_train(model, data, seed=seed, sets=sets, out=out, data_dir=data_dir, progress=False,
-                  log=lambda s: None)
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # per-epoch state: not part of the bundle
-    print(f"{model} seed {seed}: test auc {r['test_auc']:.4f} (best epoch {r['best_epoch']}, "
-          f"{time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
-    return out, True
 
 
 def bootstrap_delta(reports: dict[str, list[dict]], names: list[str], rows_of: dict[str, np.ndarray],

@@ -22,21 +22,15 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import seeds  # noqa: E402  (run slugs, mean ± std)
+import seeds  # noqa: E402  (run slugs, mean ± std, bundles)
 
 from dpn_jax import atomic  # noqa: E402
 from dpn_jax.analysis.knockout import knockout_report  # noqa: E402
-from dpn_jax.runner import run_train, versions  # noqa: E402
-
-
-def parse_run(run: str) -> tuple[str, list[str]]:
-    model, *sets = shlex.split(run)
-    return model, sets
+from dpn_jax.runner import versions  # noqa: E402
 
 
 def one(run: str, seed: int, args, out: Path) -> dict:
@@ -44,25 +38,15 @@ def one(run: str, seed: int, args, out: Path) -> dict:
     record = out / "runs" / f"{seeds.slug(run)}-{seed}.json"
     if record.exists():
         return json.loads(record.read_text())
-    model, sets = parse_run(run)
-    bundle = out / "checkpoints" / "bundles" / f"{seeds.slug(run)}-{seed}"
-    if not (bundle / "results.json").exists():
-        run_train(model, args.data, seed=seed, sets=sets, out=bundle, data_dir=args.data_dir,
-                  cache_dir=args.cache_dir, progress=not args.no_progress,
-                  resume=(bundle / "checkpoints").exists())
+    model, *sets = run.split()
+    bundle, _ = seeds.train_bundle(model, args.data, seed, sets, out / "checkpoints" / "bundles",
+                                   args.data_dir, args.cache_dir, progress=not args.no_progress)
     report = knockout_report(bundle, data_dir=args.data_dir, cache_dir=args.cache_dir,
                              log=lambda s: print(s, file=sys.stderr, flush=True))
     report = {k: v for k, v in report.items() if k != "markdown"}
     report.update(run=run, seed=seed)
     atomic.write_text(record, json.dumps(report, indent=1))
     return report
-
-
-def mean_std(xs: list[float], spec: str = ".4f", sign: bool = False) -> str:
-    fmt = ("+" if sign else "") + spec
-    if len(xs) == 1:
-        return format(xs[0], fmt)
-    return f"{format(statistics.mean(xs), fmt)} ± {format(statistics.stdev(xs), spec)}"
 
 
 def summarise(run: str, reports: list[dict]) -> dict:
@@ -91,10 +75,10 @@ def render(rows: list[dict], command: str, data: str) -> str:
              "| run | seeds | test AUC | knocked out | Δ AUC | logit shift | dynamic share per layer |",
              "|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        shares = "; ".join(f"`{k}` {mean_std(v, '.3f')}" for k, v in r["dynamic_share"].items())
-        lines.append(f"| `{r['run']}` | {len(r['seeds'])} | {mean_std(r['trained_auc'])} | "
-                     f"{mean_std(r['knocked_out_auc'])} | {mean_std(r['delta_auc'], '.5f', sign=True)} | "
-                     f"{mean_std([100 * s for s in r['shift_over_std']], '.1f')}% | {shares} |")
+        shares = "; ".join(f"`{k}` {seeds.mean_std(v, '.3f')}" for k, v in r["dynamic_share"].items())
+        lines.append(f"| `{r['run']}` | {len(r['seeds'])} | {seeds.mean_std(r['trained_auc'])} | "
+                     f"{seeds.mean_std(r['knocked_out_auc'])} | {seeds.mean_std(r['delta_auc'], '.5f', sign=True)} | "
+                     f"{seeds.mean_std([100 * s for s in r['shift_over_std']], '.1f')}% | {shares} |")
     lines += ["", "Mean ± sample standard deviation over seeds."]
     return "\n".join(lines) + "\n"
 

@@ -37,10 +37,30 @@ def slug(run: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", run.strip()).strip("_")
 
 
-def mean_std(xs: list[float]) -> str:
+def mean_std(xs: list[float], spec: str = ".4f", sign: bool = False) -> str:
+    """``mean ± std`` over seeds in ``spec`` (the mean signed with ``sign``); one seed's value alone."""
+    fmt = ("+" if sign else "") + spec
     if len(xs) == 1:
-        return f"{xs[0]:.4f}"
-    return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs):.4f}"
+        return format(xs[0], fmt)
+    return f"{format(statistics.mean(xs), fmt)} ± {format(statistics.stdev(xs), spec)}"
+
+
+def train_bundle(model: str, data: str, seed: int, sets: list[str], work: Path,
+                 data_dir: str | None, cache_dir: str | None = None,
+                 progress: bool = False) -> tuple[Path, bool]:
+    """The bundle of (model, seed) in ``work``, trained unless already there (a killed training
+    resumes from its checkpoints); (path, trained)."""
+    out = work / f"{slug(' '.join([model, *sets]))}-{seed}"
+    if (out / "bundle.json").is_file():
+        print(f"{model} seed {seed}: reusing {out}", file=sys.stderr, flush=True)
+        return out, False
+    t0 = time.perf_counter()
+    r = run_train(model, data, seed=seed, sets=sets, out=out, data_dir=data_dir, cache_dir=cache_dir,
+                  progress=progress, log=lambda s: None, resume=(out / "checkpoints").is_dir())
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # per-epoch state: not part of the bundle
+    print(f"{model} seed {seed}: test auc {r['test_auc']:.4f} (best epoch {r['best_epoch']}, "
+          f"{time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
+    return out, True
 
 
 def _number(text: str) -> int | float | None:

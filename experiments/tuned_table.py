@@ -23,9 +23,12 @@ import statistics
 import sys
 from pathlib import Path
 
-from dpn_jax.analysis.paired import paired_difference
-from dpn_jax.atomic import write_text
-from dpn_jax.runner import versions
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from seeds import mean_std  # noqa: E402
+
+from dpn_jax.analysis.paired import paired_difference  # noqa: E402
+from dpn_jax.atomic import write_text  # noqa: E402
+from dpn_jax.runner import versions  # noqa: E402
 
 
 def read_tune(folder: Path) -> dict:
@@ -40,11 +43,8 @@ def read_tune(folder: Path) -> dict:
             "configuration": r["selected"]["configuration"] or "defaults",
             "valid_auc": r["selected"]["valid_auc_mean"], "trials": len(trials),
             "replica_runs": sum(len(t["seeds"]) for t in trials),
-            "final": final, "command": r.get("command", "")}
-
-
-def ms(xs: list[float]) -> str:
-    return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs):.4f}" if len(xs) > 1 else f"{xs[0]:.4f}"
+            "final": final, "test_auc_mean": statistics.mean(final.values()),
+            "command": r.get("command", "")}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
             untuned[row["run"]] = row["test_auc"]
     dpn = set(args.dpn.split(",")) if args.dpn else {m for m in tunes if m.startswith("dpn")}
     baselines = [m for m in tunes if m not in dpn]
-    best = max(baselines, key=lambda m: statistics.mean(tunes[m]["final"].values())) if baselines else None
+    best = max(baselines, key=lambda m: tunes[m]["test_auc_mean"]) if baselines else None
 
     command = "python experiments/tuned_table.py " + " ".join(
         shlex.quote(str(a)) for a in (argv if argv is not None else sys.argv[1:]))
@@ -78,14 +78,14 @@ def main(argv: list[str] | None = None) -> None:
              f"{', '.join(map(str, sorted(next(iter(seed_sets)))))}: the test AUC below.", "",
              "| model | selected configuration | trials (replica runs) | selection valid AUC | "
              "tuned test AUC | untuned test AUC | tuning gain |", "|---|---|---:|---:|---:|---:|---:|"]
-    order = sorted(tunes, key=lambda m: -statistics.mean(tunes[m]["final"].values()))
+    order = sorted(tunes, key=lambda m: -tunes[m]["test_auc_mean"])
     for m in order:
         t = tunes[m]
         tuned = list(t["final"].values())
         before = untuned.get(m)
-        gain = f"{statistics.mean(tuned) - statistics.mean(before):+.4f}" if before else "-"
+        gain = f"{t['test_auc_mean'] - statistics.mean(before):+.4f}" if before else "-"
         lines.append(f"| `{m}` | `{t['configuration']}` | {t['trials']} ({t['replica_runs']}) | "
-                     f"{t['valid_auc']:.4f} | {ms(tuned)} | {ms(before) if before else '-'} | {gain} |")
+                     f"{t['valid_auc']:.4f} | {mean_std(tuned)} | {mean_std(before) if before else '-'} | {gain} |")
     lines += ["", "Mean ± sample standard deviation over the final seeds; the untuned column is "
               "the same model with its defaults on the Table 1 seeds (2021-2025)."]
     rows = []

@@ -227,3 +227,18 @@ def test_table1_names_the_models_it_still_lacks(tmp_path):
     text = stem.with_suffix(".md").read_text()
     assert "Not in the table yet" in text and "`dpn` (0), `dpn_field` (1)." in text and "`dnn`" not in text.split("|")[0]
     assert text.index("Not in the table yet") < text.index("| run |")
+
+
+def test_train_bundle_trains_once_then_reuses_and_keeps_no_checkpoints(tmp_path):
+    import seeds
+    from csv_fixtures import write_tiny_csv_spec
+
+    spec = write_tiny_csv_spec(tmp_path)
+    sets = ["max_epochs=1", "batch_size=256"]
+    bundle, trained = seeds.train_bundle("lr", str(spec), 3, sets, tmp_path / "work", None,
+                                         str(tmp_path / "cache"))
+    assert trained and bundle.name == "lr_max_epochs=1_batch_size=256-3"
+    assert (bundle / "bundle.json").is_file() and not (bundle / "checkpoints").exists()
+    again, trained = seeds.train_bundle("lr", str(spec), 3, sets, tmp_path / "work", None,
+                                        str(tmp_path / "cache"))
+    assert again == bundle and not trained
