@@ -15,12 +15,12 @@ import re
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from csv_fixtures import write_tiny_spec
 
 from dpn_jax.faults import ENV
 
@@ -107,17 +107,7 @@ def tiny(tmp_path_factory) -> SimpleNamespace:
     d = tmp_path_factory.mktemp("faults")
     _tiny_csv(d / "data.csv", 600, seed=0)
     _tiny_csv(d / "requests.csv", PREDICT_ROWS, seed=1, label=False)
-    (d / "spec.yaml").write_text(textwrap.dedent("""\
-        name: tiny
-        format: csv
-        train: data.csv
-        split: {valid: 0.2, test: 0.2, seed: 1}
-        label: y
-        fields:
-          - {name: u, type: categorical}
-          - {name: v, type: categorical}
-          - {name: w, type: numeric}
-        """))
+    write_tiny_spec(d, numeric=("w",))
     t = SimpleNamespace(dir=d, spec=d / "spec.yaml", requests=d / "requests.csv", cache=d / "cache")
     common = ["--data", str(t.spec), "--cache-dir", str(t.cache), "--no-progress",
               *[a for s in TRAIN_SETS for a in ("--set", s)]]
