@@ -7,11 +7,12 @@
 
 Each ``--tune`` is a folder written by ``dpn-jax tune`` (its ``tune.json``). All tunes must share
 their final seeds, so the selected configurations' test AUCs pair by seed. ``--untuned`` (a
-``table1.py`` JSON) adds each model's untuned mean for reference. Each ``--pair A:B`` gives the
-seed-paired test-AUC difference of the two tuned models with a 95% percentile-bootstrap interval
-(:mod:`dpn_jax.analysis.paired`) and a verdict; ``B`` may be ``best-baseline``: the tuned model
-with the highest mean test AUC among those not named in ``--dpn`` (default: every model whose
-name starts with ``dpn``). Writes ``<out>.md`` and ``<out>.json``.
+``table1.py`` or ``table45.py`` JSON) adds each model's untuned mean for reference. Each ``--pair
+A:B`` gives the seed-paired test-AUC difference of the two tuned models with a 95% percentile-
+bootstrap interval (:mod:`dpn_jax.analysis.paired`) and a verdict; ``B`` may be ``best-baseline``:
+the tuned model with the highest mean test AUC among those not named in ``--dpn`` (default: every
+model whose name starts with ``dpn``).
+Writes ``<out>.md`` and ``<out>.json``.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def read_tune(folder: Path) -> dict:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tune", action="append", required=True, type=Path)
-    p.add_argument("--untuned", type=Path, help="a table1.py JSON (its rows' test AUCs)")
+    p.add_argument("--untuned", type=Path, help="a table1.py or table45.py JSON (its rows' test AUCs)")
     p.add_argument("--pair", action="append", default=[], help="A:B, B may be best-baseline")
     p.add_argument("--dpn", default="", help="comma-separated DPN models (default: dpn*)")
     p.add_argument("--out", required=True, type=Path)
@@ -87,7 +88,8 @@ def main(argv: list[str] | None = None) -> None:
         lines.append(f"| `{m}` | `{t['configuration']}` | {t['trials']} ({t['replica_runs']}) | "
                      f"{t['valid_auc']:.4f} | {mean_std(tuned)} | {mean_std(before) if before else '-'} | {gain} |")
     lines += ["", "Mean ± sample standard deviation over the final seeds; the untuned column is "
-              "the same model with its defaults on the Table 1 seeds (2021-2025)."]
+              "the same model with its defaults on the seeds of the untuned table ("
+              + (f"`{args.untuned}`" if args.untuned else "none given") + ")."]
     rows = []
     if args.pair:
         lines += ["", "## Seed-paired differences of the tuned models", "",
